@@ -1,0 +1,255 @@
+"""The configuration schema: every field, its default and its validation live here.
+
+Config files in `configs/` start from `default_config()` and change fields; the command line
+overrides any field (`--config.model.llm.num_layers=2`). `validate(cfg)` runs at start-up of
+every entry point and raises `ConfigError` naming the offending field and what was expected.
+
+Defaults are the released UniMedVL / BAGEL-7B-MoT dimensions (../shared/SPEC.md section 2) and
+BAGEL's training hyper-parameters (section 4) unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the code cannot run with."""
+
+
+def llm_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      vocab_size=152064,
+      hidden_size=3584,
+      intermediate_size=18944,
+      num_layers=28,
+      num_heads=28,
+      num_kv_heads=4,
+      head_dim=128,
+      rope_theta=1e6,
+      rms_norm_eps=1e-6,
+      qk_norm=True,
+  ))
+
+
+def vit_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      enabled=True,
+      hidden_size=1152,
+      intermediate_size=4304,
+      num_layers=26,          # layers actually built (SigLIP so400m has 27; BAGEL drops the last)
+      num_heads=16,
+      patch_size=14,
+      grid_size=70,           # learned position table is grid_size x grid_size (row*grid + col)
+      layer_norm_eps=1e-6,
+  ))
+
+
+def vae_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      enabled=True,
+      in_channels=3,
+      base_channels=128,
+      channel_mult=(1, 2, 4, 4),
+      num_res_blocks=2,        # encoder; the decoder uses num_res_blocks + 1
+      z_channels=16,
+      norm_groups=32,
+      norm_eps=1e-6,
+      scale_factor=0.3611,
+      shift_factor=0.1159,
+  ))
+
+
+def model_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      llm=llm_defaults(),
+      vit=vit_defaults(),
+      vae=vae_defaults(),
+      latent_patch_size=2,      # 2x2 latent patches -> one token = 16x16 pixels, a 64-vector
+      max_latent_size=64,       # latent position table is max_latent_size^2 (64 -> 1024x1024 px)
+      timestep_freq_dim=256,
+      dtype='bfloat16',         # compute dtype
+      param_dtype='float32',    # master weights
+      attention_impl='xla',     # 'xla' (reference), 'pallas', or 'auto'
+      remat='none',             # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
+      scan_layers=True,
+      init_std=0.02,
+  ))
+
+
+def data_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      root='',                  # dataset root; '' = the embedded synthetic dataset under workdir
+      tokenizer_kind='sentencepiece',   # 'sentencepiece' | 'hf' (a Qwen2 tokenizer.json)
+      tokenizer_path='',        # '' = the embedded dataset's tokenizer
+      # --- static budgets of one pack (one compiled step serves every batch) ---
+      batch_size=8,             # packs per step, global (all devices)
+      seq_len=32768,            # tokens per pack, T
+      max_latent_tokens=8192,   # generation-expert (VAE latent) tokens per pack, L; U = T - L
+      max_vit_patches=16384,    # ViT patches per pack, P
+      max_vae_images=8,         # VAE image slots per pack, N
+      vae_buffer_size=1024,     # VAE pixel buffer per slot is vae_buffer_size^2 (top-left packed)
+      max_sample_tokens=16384,  # longer samples are skipped and counted
+      # --- image size rules (SPEC section 3) ---
+      vit_max_size=980,
+      vit_min_size=378,
+      vit_max_pixels=2007040,
+      vae_max_size=1024,
+      vae_min_size=512,
+      # --- CFG dropout (probability an enable_cfg item is dropped) ---
+      cfg_dropout_text=0.1,
+      cfg_dropout_vit=0.3,
+      cfg_dropout_vae=0.3,
+      # --- pipeline ---
+      num_workers=0,
+      prefetch=2,
+      max_bad_fraction=0.05,    # more bad samples than this fraction stops the run
+      groups=ConfigDict(),      # dataset groups: name -> {jsonl, weight, mandatory, ...}
+  ))
+
+
+def train_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      lr=1e-4,
+      schedule='constant',      # 'constant' | 'cosine'
+      warmup_steps=2000,
+      min_lr=1e-7,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-15,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      grad_accum=1,
+      ema_decay=0.9999,
+      ce_weight=1.0,
+      mse_weight=1.0,
+      timestep_shift=1.0,
+      freeze=('vae',),          # subset of: vae, vit, connector, llm, und, gen
+      total_steps=1000,
+      log_every=10,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      max_nonfinite_steps=10,
+      profile_steps=(),
+      dump_hlo=False,
+  ))
+
+
+def mesh_defaults() -> ConfigDict:
+  return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def default_config() -> ConfigDict:
+  cfg = ConfigDict()
+  cfg.name = 'unimedvl'
+  cfg.seed = 0
+  cfg.model = model_defaults()
+  cfg.data = data_defaults()
+  cfg.train = train_defaults()
+  cfg.mesh = mesh_defaults()
+  cfg.curriculum = ConfigDict()   # stage name -> stage dict; filled by configs/*.py
+  return cfg
+
+
+_DTYPES = ('float32', 'bfloat16', 'float16')
+_ATTN = ('xla', 'pallas', 'auto')
+_REMAT = ('none', 'full', 'dots', 'dots_no_batch')
+_FREEZABLE = ('vae', 'vit', 'connector', 'llm', 'und', 'gen', 'adapters')
+
+
+def _require(cond: bool, field: str, msg: str):
+  if not cond:
+    raise ConfigError(f'config.{field}: {msg}')
+
+
+def _positive(cfg: ConfigDict, prefix: str, names):
+  for n in names:
+    v = cfg[n]
+    _require(isinstance(v, (int, float)) and v > 0, f'{prefix}.{n}', f'must be > 0, got {v!r}')
+
+
+def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
+  llm = m.llm
+  _positive(llm, f'{prefix}.llm', ['vocab_size', 'hidden_size', 'intermediate_size',
+                                   'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                                   'rope_theta', 'rms_norm_eps'])
+  _require(llm.num_heads % llm.num_kv_heads == 0, f'{prefix}.llm.num_heads',
+           f'must be a multiple of num_kv_heads ({llm.num_kv_heads}), got {llm.num_heads}')
+  _require(llm.head_dim % 2 == 0, f'{prefix}.llm.head_dim', f'must be even for RoPE, got {llm.head_dim}')
+  vit = m.vit
+  if vit.enabled:
+    _positive(vit, f'{prefix}.vit', ['hidden_size', 'intermediate_size', 'num_layers',
+                                     'num_heads', 'patch_size', 'grid_size'])
+    _require(vit.hidden_size % vit.num_heads == 0, f'{prefix}.vit.hidden_size',
+             f'must be divisible by num_heads ({vit.num_heads}), got {vit.hidden_size}')
+  vae = m.vae
+  if vae.enabled:
+    _positive(vae, f'{prefix}.vae', ['base_channels', 'num_res_blocks', 'z_channels', 'norm_groups'])
+    for i, mult in enumerate(vae.channel_mult):
+      ch = vae.base_channels * mult
+      _require(ch % vae.norm_groups == 0, f'{prefix}.vae.channel_mult[{i}]',
+               f'base_channels*mult = {ch} must be divisible by norm_groups ({vae.norm_groups})')
+  _require(m.latent_patch_size > 0, f'{prefix}.latent_patch_size', 'must be > 0')
+  _require(m.max_latent_size > 0, f'{prefix}.max_latent_size', 'must be > 0')
+  _require(m.timestep_freq_dim % 2 == 0, f'{prefix}.timestep_freq_dim', 'must be even')
+  _require(llm.hidden_size % 4 == 0, f'{prefix}.llm.hidden_size',
+           'must be divisible by 4 (2-D sin-cos position tables)')
+  _require(m.dtype in _DTYPES, f'{prefix}.dtype', f'must be one of {_DTYPES}, got {m.dtype!r}')
+  _require(m.param_dtype in _DTYPES, f'{prefix}.param_dtype',
+           f'must be one of {_DTYPES}, got {m.param_dtype!r}')
+  _require(m.attention_impl in _ATTN, f'{prefix}.attention_impl',
+           f'must be one of {_ATTN}, got {m.attention_impl!r}')
+  _require(m.remat in _REMAT, f'{prefix}.remat', f'must be one of {_REMAT}, got {m.remat!r}')
+
+
+def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> None:
+  _positive(d, prefix, ['batch_size', 'seq_len'])
+  _require(0 <= d.max_latent_tokens < d.seq_len, f'{prefix}.max_latent_tokens',
+           f'must be in [0, seq_len={d.seq_len}), got {d.max_latent_tokens}')
+  _require(d.max_vit_patches >= 0, f'{prefix}.max_vit_patches', 'must be >= 0')
+  _require(d.max_vae_images >= 0, f'{prefix}.max_vae_images', 'must be >= 0')
+  tok_px = 8 * model.latent_patch_size
+  _require(d.vae_buffer_size % tok_px == 0, f'{prefix}.vae_buffer_size',
+           f'must be a multiple of {tok_px} (pixels per latent token), got {d.vae_buffer_size}')
+  _require(d.vae_max_size <= d.vae_buffer_size, f'{prefix}.vae_max_size',
+           f'must be <= vae_buffer_size ({d.vae_buffer_size}), got {d.vae_max_size}')
+  _require(d.vae_max_size // tok_px <= model.max_latent_size, f'{prefix}.vae_max_size',
+           f'{d.vae_max_size}px needs a latent grid of {d.vae_max_size // tok_px} > '
+           f'model.max_latent_size ({model.max_latent_size})')
+  if model.vit.enabled:
+    _require(d.vit_max_size // model.vit.patch_size <= model.vit.grid_size, f'{prefix}.vit_max_size',
+             f'{d.vit_max_size}px needs a ViT grid of {d.vit_max_size // model.vit.patch_size} > '
+             f'model.vit.grid_size ({model.vit.grid_size})')
+  for n in ('cfg_dropout_text', 'cfg_dropout_vit', 'cfg_dropout_vae', 'max_bad_fraction'):
+    _require(0.0 <= d[n] <= 1.0, f'{prefix}.{n}', f'must be in [0, 1], got {d[n]}')
+  _require(d.tokenizer_kind in ('sentencepiece', 'hf'), f'{prefix}.tokenizer_kind',
+           f"must be 'sentencepiece' or 'hf', got {d.tokenizer_kind!r}")
+
+
+def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
+  _require(t.lr >= 0, f'{prefix}.lr', f'must be >= 0, got {t.lr}')
+  _require(t.schedule in ('constant', 'cosine'), f'{prefix}.schedule',
+           f"must be 'constant' or 'cosine', got {t.schedule!r}")
+  _require(t.warmup_steps >= 0, f'{prefix}.warmup_steps', 'must be >= 0')
+  _require(0 <= t.ema_decay <= 1, f'{prefix}.ema_decay', f'must be in [0, 1], got {t.ema_decay}')
+  _require(t.grad_accum >= 1, f'{prefix}.grad_accum', f'must be >= 1, got {t.grad_accum}')
+  _require(t.timestep_shift > 0, f'{prefix}.timestep_shift', 'must be > 0')
+  for f in t.freeze:
+    _require(f in _FREEZABLE, f'{prefix}.freeze', f'unknown module {f!r}; choose from {_FREEZABLE}')
+
+
+def validate(cfg: ConfigDict) -> ConfigDict:
+  """Checks every section; returns cfg so it can be chained. Raises ConfigError."""
+  validate_model(cfg.model)
+  validate_data(cfg.data, cfg.model)
+  validate_train(cfg.train)
+  for axis in ('data', 'fsdp', 'tensor'):
+    v = cfg.mesh[axis]
+    _require(isinstance(v, int) and (v == -1 or v >= 1), f'mesh.{axis}',
+             f'must be -1 (all remaining devices) or >= 1, got {v!r}')
+  for name, stage in cfg.curriculum.items():
+    if 'train' in stage:
+      validate_train(ml_collections.ConfigDict({**cfg.train.to_dict(), **stage.train.to_dict()}),
+                     f'curriculum.{name}.train')
+  return cfg
