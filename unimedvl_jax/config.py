@@ -75,6 +75,7 @@ def model_defaults() -> ConfigDict:
       remat='none',             # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
       scan_layers=True,
       init_std=0.02,
+      ce_chunk=8192,            # tokens per lm_head chunk in the CE loss (bounds logits memory)
   ))
 
 
@@ -105,6 +106,8 @@ def data_defaults() -> ConfigDict:
       num_workers=0,
       prefetch=2,
       max_bad_fraction=0.05,    # more bad samples than this fraction stops the run
+      bad_check_min_samples=50,  # ... once at least this many samples were read (per worker)
+      pack_lookahead=8,         # samples that did not fit, held for later packs (first-fit)
       groups=ConfigDict(),      # dataset groups: name -> {jsonl, weight, mandatory, ...}
   ))
 
@@ -148,8 +151,29 @@ def default_config() -> ConfigDict:
   cfg.data = data_defaults()
   cfg.train = train_defaults()
   cfg.mesh = mesh_defaults()
-  cfg.curriculum = ConfigDict()   # stage name -> stage dict; filled by configs/*.py
+  # The curriculum: `stages` orders the names; each `curriculum.<name>` is a stage dict:
+  #   kind='lm' (the UniMedVL objective) | 'vae' (autoencoder reconstruction, for toy VAEs),
+  #   steps, mixture (group -> weight), mandatory (group names), train (overrides of `train`),
+  #   data (cfg_dropout_* overrides). Empty `stages`: train.total_steps on data.groups.
+  cfg.stages = ()
+  cfg.curriculum = ConfigDict()
   return cfg
+
+
+def stage_defaults() -> ConfigDict:
+  return ConfigDict(dict(kind='lm', steps=100, mixture=ConfigDict(), mandatory=(),
+                         train=ConfigDict(), data=ConfigDict()))
+
+
+def stage_train_config(cfg, stage: str | None) -> ConfigDict:
+  """`train` with the stage's overrides applied (a new ConfigDict)."""
+  t = ConfigDict(cfg.train.to_dict())
+  if stage is not None:
+    for k, v in cfg.curriculum[stage].get('train', ConfigDict()).items():
+      if k not in t:
+        raise ConfigError(f'config.curriculum.{stage}.train.{k}: no such train field')
+      t[k] = tuple(v) if isinstance(t[k], tuple) and isinstance(v, list) else v
+  return t
 
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
@@ -225,6 +249,19 @@ def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> Non
     _require(0.0 <= d[n] <= 1.0, f'{prefix}.{n}', f'must be in [0, 1], got {d[n]}')
   _require(d.tokenizer_kind in ('sentencepiece', 'hf'), f'{prefix}.tokenizer_kind',
            f"must be 'sentencepiece' or 'hf', got {d.tokenizer_kind!r}")
+  _require(d.num_workers >= 0, f'{prefix}.num_workers', f'must be >= 0, got {d.num_workers}')
+  _require(d.prefetch >= 1, f'{prefix}.prefetch', f'must be >= 1, got {d.prefetch}')
+  _require(d.bad_check_min_samples >= 1, f'{prefix}.bad_check_min_samples',
+           f'must be >= 1, got {d.bad_check_min_samples}')
+  _require(d.pack_lookahead >= 1, f'{prefix}.pack_lookahead',
+           f'must be >= 1, got {d.pack_lookahead}')
+  _require(d.max_sample_tokens > 0, f'{prefix}.max_sample_tokens',
+           f'must be > 0, got {d.max_sample_tokens}')
+  for name, g in d.groups.items():
+    _require('jsonl' in g and isinstance(g.jsonl, str) and g.jsonl.strip(),
+             f'{prefix}.groups.{name}.jsonl', 'must be a path (or comma-separated paths)')
+    _require(g.get('weight', 1.0) >= 0, f'{prefix}.groups.{name}.weight',
+             f"must be >= 0, got {g.get('weight')}")
 
 
 def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
@@ -248,8 +285,55 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     v = cfg.mesh[axis]
     _require(isinstance(v, int) and (v == -1 or v >= 1), f'mesh.{axis}',
              f'must be -1 (all remaining devices) or >= 1, got {v!r}')
-  for name, stage in cfg.curriculum.items():
-    if 'train' in stage:
-      validate_train(ml_collections.ConfigDict({**cfg.train.to_dict(), **stage.train.to_dict()}),
-                     f'curriculum.{name}.train')
+  for name in cfg.stages:
+    _require(name in cfg.curriculum, 'stages', f'stage {name!r} has no config.curriculum.{name}')
+    st = cfg.curriculum[name]
+    _require(st.get('kind', 'lm') in ('lm', 'vae'), f'curriculum.{name}.kind',
+             f"must be 'lm' or 'vae', got {st.get('kind')!r}")
+    _require(int(st.get('steps', 0)) > 0, f'curriculum.{name}.steps', 'must be > 0')
+    validate_train(stage_train_config(cfg, name), f'curriculum.{name}.train')
   return cfg
+
+
+def load_config_file(path: str, overrides=()) -> ConfigDict:
+  """Loads `configs/NAME.py` (its `get_config()`), applies 'a.b=value' overrides, validates.
+
+  The CLIs use absl's `config_flags` for the same thing (`--config FILE --config.a.b=value`);
+  this is the library form for tests, notebooks and subprocess launchers.
+  """
+  import ast
+  import importlib.util
+  import os
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  spec = importlib.util.spec_from_file_location(f'_unimedvl_config_{abs(hash(path))}', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, 'get_config'):
+    raise ConfigError(f'{path}: a config file must define get_config()')
+  cfg = mod.get_config()
+  for ov in overrides:
+    key, _, raw = ov.partition('=')
+    key = key.strip().removeprefix('--').removeprefix('config.')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node = cfg
+    parts = key.split('.')
+    for p in parts[:-1]:
+      if p not in node:
+        raise ConfigError(f'config.{key}: no such field ({p!r} missing)')
+      node = node[p]
+    if parts[-1] not in node:
+      raise ConfigError(f'config.{key}: no such field')
+    old = node[parts[-1]]
+    if isinstance(old, float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ConfigError(f'config.{key}: cannot set {value!r} ({e})') from None
+  return validate(cfg)

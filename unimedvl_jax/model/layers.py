@@ -36,7 +36,7 @@ def make_param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes
                param_dtype=jnp.float32) -> nnx.Param:
   assert len(axes) == len(shape), (shape, axes)
   key = rngs.params() if rngs is not None else jax.random.key(0)
-  return nnx.Param(init(key, tuple(shape), param_dtype), sharding_names=tuple(axes))
+  return nnx.Param(init(key, tuple(shape), param_dtype), out_sharding=tuple(axes))
 
 
 class Linear(nnx.Module):
@@ -65,7 +65,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str | None = 'norm',
                param_dtype='float32', dtype='float32', rngs: nnx.Rngs | None = None):
-    self.weight = nnx.Param(jnp.ones((dim,), to_dtype(param_dtype)), sharding_names=(axis_name,))
+    self.weight = nnx.Param(jnp.ones((dim,), to_dtype(param_dtype)), out_sharding=(axis_name,))
     self.eps = eps
     self.dtype = to_dtype(dtype)
 
@@ -87,8 +87,8 @@ class LayerNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str | None = 'norm',
                param_dtype='float32', dtype='float32', rngs: nnx.Rngs | None = None):
     pdt = to_dtype(param_dtype)
-    self.weight = nnx.Param(jnp.ones((dim,), pdt), sharding_names=(axis_name,))
-    self.bias = nnx.Param(jnp.zeros((dim,), pdt), sharding_names=(axis_name,))
+    self.weight = nnx.Param(jnp.ones((dim,), pdt), out_sharding=(axis_name,))
+    self.bias = nnx.Param(jnp.zeros((dim,), pdt), out_sharding=(axis_name,))
     self.eps = eps
     self.dtype = to_dtype(dtype)
 

@@ -1,0 +1,110 @@
+"""Text decoding: logits with the KV cache equal a full recompute (the model's packed forward on
+the whole sequence with the reference attention) at every generated position (float32, 1e-4);
+per-sequence stopping at <|im_end|>; max tokens; sampling determinism; batch == singles."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from infer_testlib import SPECIALS, reference_forward, tiny_model
+from unimedvl_jax.infer import context as C
+from unimedvl_jax.infer import text as T
+
+
+@pytest.fixture(scope='module')
+def model():
+  return tiny_model()[1]
+
+
+def _patch(model):
+  return int(round((model.vit.embeddings.patch_embedding.kernel.shape[0] // 3) ** 0.5))
+
+
+def _prompt(model):
+  """Two ragged conversations: text + ViT image + text, and text only."""
+  img = np.random.RandomState(0).uniform(-1, 1, (16, 24, 3)).astype(np.float32)
+  ctx = C.new_context(model, 2, 48)
+  ctx = C.add_text(model, ctx, [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]], SPECIALS)
+  ctx = C.add_image(model, ctx, SPECIALS, vit=[img, None])
+  ctx = C.add_text(model, ctx, [[13, 14], None], SPECIALS)
+  p, g = C.vit_patches(img, _patch(model))
+  items = [[('text', [10, 11, 12]), ('vit', p, g), ('text', [13, 14])],
+           [('text', [20, 21, 22, 23, 24, 25, 26])]]
+  return ctx, items
+
+
+def _check_against_reference(model, res, items, max_new, end=SPECIALS.im_end):
+  for b in range(2):
+    fed = [SPECIALS.im_start] + res.tokens[b] + [end]
+    ref = reference_forward(model, items[b] + [('raw', fed)])
+    n = len(fed)
+    got = res.logits[b, :n]
+    np.testing.assert_allclose(got, ref['logits'][-n:], atol=1e-4, rtol=1e-4)
+    assert not res.logits[b, n:].any()          # nothing recorded after the row stopped
+    # the cache holds the generated text item like a prefilled one
+  assert list(res.ctx.lengths()) == [int(l) + len(t) + 2 for l, t in
+                                     zip(res.ctx_before_lengths, res.tokens)]
+
+
+@pytest.mark.parametrize('temperature', [0.0, 1.0])
+def test_cached_logits_equal_full_recompute(model, temperature):
+  ctx, items = _prompt(model)
+  s = T.TextSettings(max_new_tokens=6, temperature=temperature, top_p=0.9)
+  res = T.generate_text(model, ctx, SPECIALS, s, seeds=[3, 4], return_logits=True)
+  res.ctx_before_lengths = ctx.lengths()
+  _check_against_reference(model, res, items, 6)
+  if temperature == 0.0:
+    for b in range(2):   # greedy: each token is the argmax of the previous position's logits
+      assert res.tokens[b] == [int(i) for i in np.argmax(res.logits[b, :len(res.tokens[b])], -1)]
+
+
+def test_per_sequence_stop_and_max_tokens(model):
+  """Rows stop independently at the end token. The end id is chosen as a token that greedy
+  decoding of row 0 produces at step j (and row 1 never does), so row 0 stops after j tokens
+  while row 1 runs to max_new_tokens, where the end token is forced."""
+  import dataclasses
+  ctx, items = _prompt(model)
+  free = T.generate_text(model, ctx, SPECIALS, T.TextSettings(max_new_tokens=6))
+  t0, t1 = free.tokens
+  cands = [j for j in range(1, 6) if t0[j] not in t0[:j] and t0[j] not in t1]
+  if not cands:
+    pytest.skip(f'random model produced no usable stop token: {t0} {t1}')
+  j = cands[0]
+  sp = dataclasses.replace(SPECIALS, im_end=t0[j])
+  res = T.generate_text(model, ctx, sp, T.TextSettings(max_new_tokens=6), return_logits=True)
+  assert res.tokens[0] == t0[:j] and res.finished[0]
+  assert res.tokens[1] == t1 and not res.finished[1]
+  res.ctx_before_lengths = ctx.lengths()
+  _check_against_reference(model, res, items, 6, end=t0[j])
+  # inactive rows are untouched
+  res2 = T.generate_text(model, ctx, SPECIALS, T.TextSettings(max_new_tokens=3),
+                         active=[False, True])
+  assert res2.tokens[0] == [] and res2.ctx.lengths()[0] == ctx.lengths()[0]
+  assert len(res2.tokens[1]) == 3
+
+
+def test_batch_equals_single_and_seeded_sampling(model):
+  ctx, _ = _prompt(model)
+  s = T.TextSettings(max_new_tokens=5, temperature=0.8, top_p=0.95)
+  both = T.generate_text(model, ctx, SPECIALS, s, seeds=[7, 8])
+  again = T.generate_text(model, ctx, SPECIALS, s, seeds=[7, 8])
+  assert both.tokens == again.tokens
+  for b, seed in enumerate([7, 8]):
+    one = T.generate_text(model, C.take_rows(ctx, [b]), SPECIALS, s, seeds=[seed])
+    assert one.tokens[0] == both.tokens[b]
+
+
+def test_sample_tokens_rules():
+  logits = jnp.asarray(np.random.RandomState(0).normal(size=(3, 50)).astype(np.float32))
+  keys = jax.vmap(jax.random.key)(jnp.arange(3, dtype=jnp.uint32))
+  greedy = np.argmax(np.asarray(logits), -1)
+  out = T.sample_tokens(logits, keys, jnp.zeros(3), jnp.ones(3))
+  np.testing.assert_array_equal(np.asarray(out), greedy)
+  # a tiny top_p keeps only the most likely token, whatever the temperature
+  out = T.sample_tokens(logits, keys, jnp.full(3, 2.0), jnp.full(3, 1e-6))
+  np.testing.assert_array_equal(np.asarray(out), greedy)
+  # sampling covers more than the argmax at a high temperature
+  many = {int(T.sample_tokens(logits[:1], jax.random.key(i)[None], jnp.full(1, 5.0),
+                              jnp.ones(1))[0]) for i in range(20)}
+  assert len(many) > 3

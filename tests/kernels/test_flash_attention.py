@@ -1,0 +1,245 @@
+"""Pallas packed flash attention vs `reference_attention` (model/attention.py), CPU interpret mode.
+
+Both kernel variants run here: 'generic' (the GPU/Triton code) and 'tpu' (the Mosaic code, whose
+compilation for real TPUs is checked in test_flash_attention_tpu_aot.py). Each case compiles
+forward + backward once (one jit of a VJP). Tolerances:
+  float32: max |kernel - reference| <= 2e-5 * max(1, max |reference|), outputs and dq/dk/dv
+           (observed ~1e-6: only summation order differs);
+  bfloat16 inputs: 2e-2 relative (outputs) and 4e-2 relative (gradients), against the f32
+           reference evaluated on the same bf16 inputs; the kernel rounds p and dS to bf16
+           before the second matmuls, as flash kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimedvl_jax.kernels.block_mask import FULL, SKIP, block_sparsity, classify_blocks
+from unimedvl_jax.kernels.flash_attention import flash_attention
+from unimedvl_jax.model.attention import attention, attention_mask, reference_attention
+
+_spec = importlib.util.spec_from_file_location(
+    'kernel_test_packs', os.path.join(os.path.dirname(__file__), 'packs.py'))
+packs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(packs)
+
+
+def _qkv(rng, B, T, Hq, Hkv, D, dtype):
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+  return mk(B, T, Hq, D), mk(B, T, Hkv, D), mk(B, T, Hkv, D), mk(B, T, Hq, D)
+
+
+def _fwd_bwd(attn):
+  """jit(q, k, v, meta..., cotangent) -> (out, (dq, dk, dv)): forward and backward, one compile."""
+  def f(q, k, v, seg, split, mode, ct):
+    out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg, split, mode), q, k, v)
+    return out, vjp(ct.astype(out.dtype))
+  return jax.jit(f)
+
+
+_reference = _fwd_bwd(reference_attention)
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+def _skipped_key_positions(meta, T, bq, bk):
+  """Positions of key blocks that every query block skips (never read by the kernels)."""
+  mult = max(bq, bk)
+  Tp = -(-T // mult) * mult
+  padded = [np.pad(x, ((0, 0), (0, Tp - T))) for x in meta]
+  cls = np.asarray(classify_blocks(*padded, bq, bk))              # [B, nq, nk]
+  dead = np.all(cls == SKIP, axis=1)                              # [B, nk]
+  pos = np.repeat(dead, bk, axis=1)[:, :T]
+  return pos
+
+
+CASES = {
+    # name: (B, T, Hq, Hkv, D, block_q, block_k, dtype)
+    'gqa4_d64_T200': (2, 200, 4, 1, 64, 32, 32, jnp.float32),
+    'mha_d128_T300_bq64_bk32': (1, 300, 2, 2, 128, 64, 32, jnp.float32),
+    'gqa2_d64_bf16': (1, 256, 4, 2, 64, 32, 64, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize('backend', ['generic', 'tpu'])
+@pytest.mark.parametrize('case', list(CASES))
+def test_packed_forward_and_grads(case, backend):
+  B, T, Hq, Hkv, D, bq, bk, dtype = CASES[case]
+  rng = np.random.default_rng(zlib.crc32(case.encode()))
+  meta = packs.random_batch(rng, B, T, pad_frac=0.3)
+  q, k, v, ct = _qkv(rng, B, T, Hq, Hkv, D, dtype)
+
+  # Poison K/V in key blocks that every query block skips: the kernels must never read them.
+  dead = _skipped_key_positions(meta, T, bq, bk)
+  assert dead.any(), 'test pack should contain a skipped key block'
+  poison = jnp.asarray(dead)[:, :, None, None]
+  k_p, v_p = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+
+  attn = functools.partial(flash_attention, block_q=bq, block_k=bk, backend=backend,
+                           interpret=True)
+  out, (dq, dk, dv) = _fwd_bwd(attn)(q, k_p, v_p, *meta, ct)
+  ref, (rdq, rdk, rdv) = _reference(q, k, v, *meta, ct)   # dead keys are never allowed
+  assert out.dtype == q.dtype and out.shape == q.shape
+  dead_np = np.asarray(dead)
+  assert np.all(np.asarray(dk, np.float32)[dead_np] == 0.0)   # never-visible keys: zero grads
+  assert np.all(np.asarray(dv, np.float32)[dead_np] == 0.0)
+  tol_o, tol_g = (2e-5, 2e-5) if dtype == jnp.float32 else (2e-2, 4e-2)
+  errs = {n: _rel_err(a, b) for n, a, b in
+          (('out', out, ref), ('dq', dq, rdq), ('dk', dk, rdk), ('dv', dv, rdv))}
+  assert errs['out'] <= tol_o, errs
+  assert max(errs['dq'], errs['dk'], errs['dv']) <= tol_g, errs
+  # Rows with no allowed key (padding) are exactly zero.
+  pad_rows = np.asarray(meta[0] == 0)
+  assert np.all(np.asarray(out, np.float32)[pad_rows] == 0.0)
+
+
+@pytest.mark.parametrize('backend', ['generic', 'tpu'])
+def test_vit_bidirectional_per_image(backend):
+  """ViT attention: segment = image id, split 0, mode full; head dim 72 (SigLIP), MHA."""
+  B, T, H, D = 2, 180, 3, 72
+  rng = np.random.default_rng(7)
+  meta = packs.vit_batch(rng, B, T, max_image=70)
+  q, k, v, ct = _qkv(rng, B, T, H, H, D, jnp.float32)
+  attn = functools.partial(flash_attention, block_q=32, block_k=32, backend=backend,
+                           interpret=True)
+  out, grads = _fwd_bwd(attn)(q, k, v, *meta, ct)
+  ref, rgrads = _reference(q, k, v, *meta, ct)
+  assert _rel_err(out, ref) <= 2e-5
+  for g, rg in zip(grads, rgrads):
+    assert _rel_err(g, rg) <= 2e-5
+
+
+def test_dispatcher_pallas_impl():
+  """model.attention.attention(impl='pallas') reaches the kernel (default blocks, interpret)."""
+  rng = np.random.default_rng(3)
+  B, T, Hq, Hkv, D = 1, 96, 2, 1, 64
+  meta = packs.random_batch(rng, B, T)
+  q, k, v, _ = _qkv(rng, B, T, Hq, Hkv, D, jnp.float32)
+  out = jax.jit(functools.partial(attention, impl='pallas'))(q, k, v, *meta)
+  assert _rel_err(out, reference_attention(q, k, v, *meta)) <= 2e-5
+
+
+# ------------------------------------------------------------------------ block classification
+
+@pytest.mark.parametrize('bq,bk', [(16, 16), (32, 16), (16, 64)])
+def test_block_classification_exact(bq, bk):
+  """SKIP blocks have no allowed entry, FULL blocks only allowed entries (any metadata)."""
+  rng = np.random.default_rng(bq * 100 + bk)
+  batches = {'packs': packs.random_batch(rng, 4, 512), 'vit': packs.vit_batch(rng, 4, 512),
+             'unsorted': packs.unsorted_batch(rng, 4, 512)}
+  for name, meta in batches.items():
+    cls = np.asarray(classify_blocks(*meta, bq, bk))
+    mask = np.asarray(attention_mask(*(jnp.asarray(x) for x in meta)))
+    B, T, _ = mask.shape
+    blocks = mask.reshape(B, T // bq, bq, T // bk, bk)
+    any_allowed, all_allowed = blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+    assert not np.any(any_allowed & (cls == SKIP)), name
+    assert np.all(all_allowed[cls == FULL]), name
+    if name != 'unsorted':
+      # Tightness (performance, not correctness): on pack layouts no PARTIAL block is in fact
+      # empty or full (observed exactly 0 for these seeds).
+      partial = cls == 1
+      loose = int(np.sum(partial & (~any_allowed | all_allowed)))
+      assert loose == 0, (name, loose, int(partial.sum()))
+      assert np.mean(cls == SKIP) > 0.5, name
+
+
+def test_block_sparsity_fractions():
+  rng = np.random.default_rng(11)
+  meta = packs.realistic_batch(rng, 2, 8192)
+  frac = {k: float(v) for k, v in block_sparsity(*meta, 128, 128).items()}
+  assert abs(frac['skip'] + frac['partial'] + frac['full'] - 1.0) < 1e-6
+  assert frac['skip'] > 0.5, frac
+  # T not a multiple of the block: padded like the kernel, padded blocks counted as skipped.
+  frac2 = block_sparsity(*(x[:, :8000] for x in meta), 128, 128)
+  assert float(frac2['skip']) >= frac['skip'] - 0.05
+
+
+def test_cost_estimate_counts_computed_blocks():
+  """The pallas_calls' CostEstimate scales with the computed-block density."""
+  B, T, Hq, Hkv, D, bq, bk = 1, 256, 4, 2, 64, 64, 64
+  q = jnp.zeros((B, T, Hq, D))
+  k = v = jnp.zeros((B, T, Hkv, D))
+  m = jnp.zeros((B, T), jnp.int32)
+
+  def flops(density):
+    f = functools.partial(flash_attention, block_q=bq, block_k=bk, backend='generic',
+                          interpret=True, density=density)
+    jaxpr = jax.make_jaxpr(f)(q, k, v, m, m, m)
+    ests = [e.params['cost_estimate'] for e in jaxpr.eqns if e.primitive.name == 'pallas_call']
+    inner = [e for e in jaxpr.eqns if 'jaxpr' in e.params or 'call_jaxpr' in e.params]
+    for e in inner:   # the custom_vjp call wraps the pallas_call
+      sub = e.params.get('call_jaxpr', e.params.get('jaxpr'))
+      sub = getattr(sub, 'jaxpr', sub)
+      ests += [x.params['cost_estimate'] for x in sub.eqns if x.primitive.name == 'pallas_call']
+    assert len(ests) == 1
+    return ests[0].flops
+
+  nblocks = (T // bq) * (T // bk)
+  assert flops(1.0) == 4 * nblocks * bq * bk * D * Hq * B
+  assert flops(0.25) == 4 * (nblocks // 4) * bq * bk * D * Hq * B
+
+
+# ----------------------------------------------------------------------------- shard_map
+
+_SHARD_MAP_SCRIPT = textwrap.dedent('''
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import functools
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P, AxisType
+    sys.path.insert(0, sys.argv[1])
+    import packs
+    from unimedvl_jax.kernels.flash_attention import flash_attention
+    from unimedvl_jax.model.attention import reference_attention
+    assert jax.device_count() == 4
+    mesh = jax.make_mesh((2, 2), ("data", "heads"), axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(0)
+    B, T, Hq, Hkv, D = 2, 160, 4, 2, 64
+    meta = packs.random_batch(rng, B, T)
+    mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v, ct = mk(B, T, Hq, D), mk(B, T, Hkv, D), mk(B, T, Hkv, D), mk(B, T, Hq, D)
+    attn = functools.partial(flash_attention, block_q=32, block_k=32, backend="generic",
+                             interpret=True)
+    hs, ms = P("data", None, "heads", None), P("data", None)
+    sharded = jax.shard_map(attn, mesh=mesh, in_specs=(hs, hs, hs, ms, ms, ms), out_specs=hs)
+    def run(fn):
+      def f(q, k, v, ct):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *meta), q, k, v)
+        return out, vjp(ct)
+      return jax.jit(f)(q, k, v, ct)
+    out, grads = run(sharded)
+    ref, rgrads = run(reference_attention)
+    errs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out,) + grads, (ref,) + rgrads)]
+    print("ERRS", errs)
+    assert max(errs) < 1e-4, errs
+    print("SHARD_MAP_OK")
+''')
+
+
+def test_shard_map_batch_and_heads_sharded():
+  """Under jax.shard_map on a (data=2, heads=2) mesh of fake CPU devices: fwd + grads."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+  env['JAX_PLATFORMS'] = 'cpu'
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', _SHARD_MAP_SCRIPT, os.path.dirname(__file__)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and 'SHARD_MAP_OK' in proc.stdout, (
+      proc.stdout[-3000:] + proc.stderr[-6000:])

@@ -1,0 +1,287 @@
+"""AutoEncoder: parity with a PyTorch reference of black-forest-labs/flux
+`src/flux/modules/autoencoder.py` (written here: same module names, so its state dict has the
+keys of FLUX's `ae.safetensors`; GroupNorm groups made a parameter for tiny widths), fp32;
+sampling, latent patch order, gradients and metadata."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from torch import nn
+
+from unimedvl_jax.config import model_defaults
+from unimedvl_jax.model.vae import AutoEncoder, from_flux_state_dict, patchify, unpatchify
+from unimedvl_jax.model.vit import load_pure_dict
+
+BASE, MULT, BLOCKS, GROUPS, Z = 32, (1, 2, 2, 2), 1, 8, 16
+SCALE, SHIFT = 0.3611, 0.1159
+
+
+# ------------------------------------------------------------- PyTorch reference (FLUX layout)
+
+def _gn(groups, ch):
+  return nn.GroupNorm(groups, ch, eps=1e-6, affine=True)
+
+
+class TResnet(nn.Module):
+
+  def __init__(self, cin, cout, g):
+    super().__init__()
+    self.norm1, self.conv1 = _gn(g, cin), nn.Conv2d(cin, cout, 3, 1, 1)
+    self.norm2, self.conv2 = _gn(g, cout), nn.Conv2d(cout, cout, 3, 1, 1)
+    if cin != cout:
+      self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+  def forward(self, x):
+    h = self.conv1(F.silu(self.norm1(x)))
+    h = self.conv2(F.silu(self.norm2(h)))
+    return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+
+
+class TAttn(nn.Module):
+
+  def __init__(self, ch, g):
+    super().__init__()
+    self.norm = _gn(g, ch)
+    self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+  def forward(self, x):
+    b, c, h, w = x.shape
+    n = self.norm(x)
+    q, k, v = (f(n).reshape(b, 1, c, h * w).transpose(2, 3) for f in (self.q, self.k, self.v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return x + self.proj_out(o.transpose(2, 3).reshape(b, c, h, w))
+
+
+class TMid(nn.Module):
+
+  def __init__(self, ch, g):
+    super().__init__()
+    self.block_1, self.attn_1, self.block_2 = TResnet(ch, ch, g), TAttn(ch, g), TResnet(ch, ch, g)
+
+  def forward(self, x):
+    return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class TEncoder(nn.Module):
+
+  def __init__(self, ch, mult, nrb, z, g):
+    super().__init__()
+    self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+    in_mult = (1,) + tuple(mult)
+    self.down = nn.ModuleList()
+    for i in range(len(mult)):
+      lvl = nn.Module()
+      lvl.block = nn.ModuleList()
+      bi = ch * in_mult[i]
+      for _ in range(nrb):
+        lvl.block.append(TResnet(bi, ch * mult[i], g))
+        bi = ch * mult[i]
+      if i != len(mult) - 1:
+        lvl.downsample = nn.Module()
+        lvl.downsample.conv = nn.Conv2d(bi, bi, 3, 2, 0)
+      self.down.append(lvl)
+    self.mid = TMid(bi, g)
+    self.norm_out, self.conv_out = _gn(g, bi), nn.Conv2d(bi, 2 * z, 3, 1, 1)
+
+  def forward(self, x):
+    h = self.conv_in(x)
+    for i, lvl in enumerate(self.down):
+      for blk in lvl.block:
+        h = blk(h)
+      if i != len(self.down) - 1:
+        h = lvl.downsample.conv(F.pad(h, (0, 1, 0, 1)))
+    h = self.mid(h)
+    return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TDecoder(nn.Module):
+
+  def __init__(self, ch, mult, nrb, z, g):
+    super().__init__()
+    bi = ch * mult[-1]
+    self.conv_in = nn.Conv2d(z, bi, 3, 1, 1)
+    self.mid = TMid(bi, g)
+    self.up = nn.ModuleList()
+    for i in reversed(range(len(mult))):
+      lvl = nn.Module()
+      lvl.block = nn.ModuleList()
+      for _ in range(nrb + 1):
+        lvl.block.append(TResnet(bi, ch * mult[i], g))
+        bi = ch * mult[i]
+      if i != 0:
+        lvl.upsample = nn.Module()
+        lvl.upsample.conv = nn.Conv2d(bi, bi, 3, 1, 1)
+      self.up.insert(0, lvl)
+    self.norm_out, self.conv_out = _gn(g, bi), nn.Conv2d(bi, 3, 3, 1, 1)
+
+  def forward(self, z):
+    h = self.mid(self.conv_in(z))
+    for i in reversed(range(len(self.up))):
+      for blk in self.up[i].block:
+        h = blk(h)
+      if i != 0:
+        h = self.up[i].upsample.conv(F.interpolate(h, scale_factor=2.0, mode='nearest'))
+    return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TAutoEncoder(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.encoder = TEncoder(BASE, MULT, BLOCKS, Z, GROUPS)
+    self.decoder = TDecoder(BASE, MULT, BLOCKS, Z, GROUPS)
+
+  def encode_mean(self, x):
+    mean = torch.chunk(self.encoder(x), 2, dim=1)[0]
+    return SCALE * (mean - SHIFT)
+
+  def decode(self, z):
+    return self.decoder(z / SCALE + SHIFT)
+
+
+# ------------------------------------------------------------------------------------- tests
+
+def tiny_cfg(dtype='float32'):
+  m = model_defaults()
+  m.vae.update(base_channels=BASE, channel_mult=MULT, num_res_blocks=BLOCKS, z_channels=Z,
+               norm_groups=GROUPS, norm_eps=1e-6, scale_factor=SCALE, shift_factor=SHIFT)
+  m.dtype, m.param_dtype = dtype, 'float32'
+  return m
+
+
+def nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope='module')
+def models():
+  torch.manual_seed(0)
+  ref = TAutoEncoder().eval()
+  with torch.no_grad():   # non-trivial norm affines
+    for name, p in ref.named_parameters():
+      if 'norm' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  ours = nnx.eval_shape(lambda: AutoEncoder(tiny_cfg(), rngs=nnx.Rngs(0)))   # no random init
+  load_pure_dict(ours, from_flux_state_dict(sd))
+  graphdef, state = nnx.split(ours)
+  enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_mean(x))
+  dec = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+  return ref, ours, sd, enc, dec, state
+
+
+def test_key_set_is_flux(models):
+  _, _, sd, *_ = models
+  for k in ['encoder.down.0.block.0.norm1.weight', 'encoder.down.1.block.0.nin_shortcut.weight',
+            'encoder.down.2.downsample.conv.weight', 'encoder.mid.attn_1.proj_out.bias',
+            'decoder.up.3.upsample.conv.weight', 'decoder.up.0.block.1.conv2.weight',
+            'decoder.up.0.block.0.nin_shortcut.weight', 'encoder.conv_out.weight']:
+    assert k in sd, k
+  assert 'encoder.down.3.downsample.conv.weight' not in sd
+  assert 'decoder.up.0.upsample.conv.weight' not in sd
+
+
+def test_encode_decode_parity(models):
+  ref, _, _, enc, dec, state = models
+  rng = np.random.default_rng(0)
+  for H, W in [(24, 40)]:   # non-square; odd latent sizes exercise the asymmetric padding
+    x = rng.uniform(-1, 1, size=(2, 3, H, W)).astype(np.float32)
+    with torch.no_grad():
+      z_ref = ref.encode_mean(torch.from_numpy(x))
+      x_ref = ref.decode(z_ref)
+    z = enc(state, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert z.shape == (2, H // 8, W // 8, Z) and z.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(z), nhwc(z_ref), rtol=1e-4, atol=1e-4)
+    y = dec(state, jnp.asarray(nhwc(z_ref)))
+    assert y.shape == (2, H, W, 3)
+    np.testing.assert_allclose(np.asarray(y), nhwc(x_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_encode_samples(models):
+  _, ours, *_, state = models
+  graphdef = nnx.graphdef(ours)
+  x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1, maxval=1)
+
+  @jax.jit
+  def run(state, x, key):
+    m = nnx.merge(graphdef, state)
+    return m.encode_moments(x), m.encode(x, key), m.encode_mean(x)
+
+  key = jax.random.key(2)
+  (mean, logvar), z, zm = run(state, x, key)
+  expect = SCALE * (mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape) - SHIFT)
+  np.testing.assert_allclose(z, expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(zm, SCALE * (mean - SHIFT), rtol=1e-6)
+  assert not np.allclose(z, run(state, x, jax.random.key(3))[1])
+  with pytest.raises(ValueError, match='multiples of 8'):
+    ours.encode_mean(jnp.zeros((1, 12, 16, 3)))
+
+
+def test_patchify_order_and_roundtrip():
+  rng = np.random.default_rng(3)
+  B, H, W, C, p = 2, 6, 10, 16, 2
+  z = rng.standard_normal((B, H, W, C)).astype(np.float32)
+  t = np.asarray(patchify(jnp.asarray(z), p))
+  assert t.shape == (B, (H // p) * (W // p), p * p * C)
+  for b in range(B):   # BAGEL's reference on a [C, H, W] latent
+    chw = z[b].transpose(2, 0, 1).reshape(C, H // p, p, W // p, p)
+    ref = np.einsum('chpwq->hwpqc', chw).reshape(-1, p * p * C)
+    np.testing.assert_array_equal(t[b], ref)
+  back = unpatchify(jnp.asarray(t), H // p, W // p, p, C)
+  np.testing.assert_array_equal(np.asarray(back), z)
+  np.testing.assert_array_equal(np.asarray(unpatchify(patchify(jnp.asarray(z[0]), p), H // p, W // p,
+                                                      p, C)), z[0])   # unbatched
+  with pytest.raises(ValueError):
+    unpatchify(jnp.asarray(t), H // p, W // p + 1, p, C)
+
+
+def test_decode_grads_finite(models):
+  """Gradients through the decoder (latent-space guidance / a trainable decoder) are finite and
+  reach every decoder parameter. (The encoder is frozen and stop-gradiented in training.)"""
+  _, ours, *_, state = models
+  graphdef = nnx.graphdef(ours)
+
+  def loss(state, z):
+    return jnp.mean(nnx.merge(graphdef, state).decode(z) ** 2)
+
+  z = jax.random.normal(jax.random.key(4), (1, 2, 2, Z))
+  gs, gz = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, z)
+  assert np.isfinite(np.asarray(gz)).all() and np.abs(np.asarray(gz)).max() > 0
+  for path, v in nnx.to_flat_state(gs):
+    a = np.asarray(v[...])
+    assert np.isfinite(a).all(), path
+    if path[0] == 'decoder':
+      assert np.abs(a).max() > 0, path
+
+
+def test_param_metadata_and_bf16(models):
+  """bf16 compute with fp32 params: same weights as the fp32 model, close outputs."""
+  _, _, sd, _, dec, state = models
+  model = nnx.eval_shape(lambda: AutoEncoder(tiny_cfg('bfloat16'), rngs=nnx.Rngs(1)))
+  load_pure_dict(model, from_flux_state_dict(sd))
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    meta = v.get_metadata()
+    names = meta.get('sharding_names', meta.get('out_sharding'))
+    assert names is not None and len(names) == v[...].ndim, path
+    assert v[...].dtype == jnp.float32, path
+  z = jax.random.normal(jax.random.key(6), (1, 2, 2, Z))
+  y16 = nnx.jit(lambda m, z: m.decode(z))(model, z)
+  y32 = dec(state, z)
+  assert y16.dtype == jnp.float32 and y16.shape == (1, 16, 16, 3)
+  assert float(jnp.max(jnp.abs(y16 - y32))) < 0.1 * float(jnp.max(jnp.abs(y32))) + 1e-3
+
+
+def test_random_init_runs():
+  """A randomly initialised model (the toy-scale default when no checkpoint is given)."""
+  cfg = tiny_cfg()
+  cfg.vae.update(base_channels=8, channel_mult=(1, 2), norm_groups=4, z_channels=4)
+  model = AutoEncoder(cfg, rngs=nnx.Rngs(0))
+  k = model.encoder.conv_in.kernel[...]
+  assert k.shape == (3, 3, 3, 8) and 0.05 < float(jnp.std(k)) < 0.5   # torch default scale
+  assert not np.allclose(model.encoder.mid.attn_1.q.kernel[...], model.encoder.mid.attn_1.k.kernel[...])
+  y = model.decode(model.encode(jnp.zeros((1, 8, 8, 3)), jax.random.key(0)))
+  assert y.shape == (1, 8, 8, 3) and bool(jnp.isfinite(y).all())

@@ -1,0 +1,389 @@
+"""Sample -> sequence plan (items) -> per-token arrays, SPEC sections 3 and 6 exactly.
+
+Three steps, each testable on its own:
+
+1. `plan_sample(sample) -> [PlanItem]`: the task-family plan, no I/O.
+   - understanding (VQA / report / caption, and text-only): every turn in order; a human turn is
+     split at `<image>` with the next input image (ViT) at each placeholder; gpt turns carry loss.
+     Without placeholders the input images go before the first human text.
+   - text_to_image (output images, no input image): human text (enable_cfg), gpt planning text
+     (loss), then each output image as a noised VAE target (loss).
+   - editing (input and output images: segmentation, super-resolution, modality translation,
+     virtual staining, ...): human turns split at `<image>` as above but each input image becomes
+     a clean VAE item followed by a ViT item (both enable_cfg); instruction text (enable_cfg); gpt
+     reply (loss); then the noised VAE target(s) (loss).
+   - counterfactual (sub_task_type contains "counterfactual"): human turns (input images as
+     VAE + ViT, instruction), the noised VAE target(s), THEN the gpt explanation (loss): it sits
+     after the target but cannot see it (noise mode hides a noised image from every other split).
+2. `materialize(items, tokenizer, geom)`: encodes text, loads, resizes and patchifies images.
+3. `tokenize(items, specials, geom, rng, dropout)`: CFG dropout and the token arrays:
+   text = <|im_start|> ids <|im_end|>; with loss the labels are ids + <|im_end|> at the positions
+   of <|im_start|> + ids (the <|im_end|> position has no label). ViT / VAE image =
+   <|vision_start|> tokens <|vision_end|>, all at ONE position; the counter then advances by 1,
+   except after a noised VAE target. A dropped image still advances the counter, a dropped text
+   does not. Split modes: text causal, ViT and clean VAE full, noised VAE noise; markers belong to
+   their image's split (token_type 1, understanding expert).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from unimedvl_jax.batch import MODE_CAUSAL, MODE_FULL, MODE_NOISE
+from unimedvl_jax.batch import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT
+from unimedvl_jax.data.jsonl import ImageRef, Sample, SampleError
+
+IMAGE_PLACEHOLDER = '<image>'
+FAMILIES = ('understanding', 'text_to_image', 'editing', 'counterfactual')
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry of one pack / one sample, from the config
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  T: int                 # tokens per pack
+  L: int                 # latent (generation-expert) tokens per pack
+  P: int                 # ViT patches per pack
+  N: int                 # VAE image slots per pack
+  S: int                 # VAE pixel buffer side
+  vit_patch: int
+  vit_grid: int
+  latent_px: int         # pixels per latent token side (8 * latent_patch_size)
+  max_latent_size: int
+  vit_max_size: int = 980
+  vit_min_size: int = 378
+  vit_max_pixels: int | None = None
+  vae_max_size: int = 1024
+  vae_min_size: int = 512
+  max_sample_tokens: int = 1 << 30
+
+  @property
+  def U(self) -> int:
+    return self.T - self.L
+
+  @property
+  def K(self) -> int:
+    return 3 * self.vit_patch ** 2
+
+  @property
+  def buf_grid(self) -> int:
+    return self.S // self.latent_px
+
+  @classmethod
+  def from_config(cls, cfg) -> 'Geometry':
+    d, m = cfg.data, cfg.model
+    return cls(T=d.seq_len, L=d.max_latent_tokens, P=d.max_vit_patches, N=d.max_vae_images,
+               S=d.vae_buffer_size, vit_patch=m.vit.patch_size, vit_grid=m.vit.grid_size,
+               latent_px=8 * m.latent_patch_size, max_latent_size=m.max_latent_size,
+               vit_max_size=d.vit_max_size, vit_min_size=d.vit_min_size,
+               vit_max_pixels=d.vit_max_pixels or None, vae_max_size=d.vae_max_size,
+               vae_min_size=d.vae_min_size, max_sample_tokens=d.max_sample_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+  im_start: int
+  im_end: int
+  vision_start: int
+  vision_end: int
+
+  @classmethod
+  def from_tokenizer(cls, tok) -> 'Specials':
+    return cls(int(tok.im_start), int(tok.im_end), int(tok.vision_start), int(tok.vision_end))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. plans
+
+
+@dataclasses.dataclass
+class PlanItem:
+  kind: str                          # 'text' | 'vit' | 'vae'
+  loss: bool = False
+  enable_cfg: bool = False
+  noised: bool = False               # vae only: a noised generation target
+  text: str = ''                     # text: the string (before materialize)
+  image: ImageRef | None = None      # vit / vae: the source image
+  ids: Any = None                    # text, after materialize: int ids (no specials)
+  patches: Any = None                # vit, after materialize: float32 [nh*nw, K]
+  grid: tuple[int, int] = (0, 0)     # vit: (nh, nw) patches; vae: (gh, gw) latent tokens
+  pixels: Any = None                 # vae, after materialize: float32 [h, w, 3] in [-1, 1]
+
+  def describe(self) -> str:
+    flags = ''.join(f for f, on in (('L', self.loss), ('C', self.enable_cfg), ('N', self.noised))
+                    if on)
+    return f'{self.kind}[{flags}]'
+
+
+def task_family(sample: Sample) -> str:
+  if 'counterfactual' in (sample.sub_task_type or '').lower():
+    return 'counterfactual'
+  if sample.output_img:
+    return 'editing' if sample.input_img else 'text_to_image'
+  return 'understanding'
+
+
+def _text(s: str, **kw) -> PlanItem | None:
+  s = s.strip()
+  return PlanItem('text', text=s, **kw) if s else None
+
+
+def _turn_items(sample: Sample, turns, image_items, human_cfg: bool) -> list[PlanItem]:
+  """Turns in order: a human turn is split at <image>, with `image_items(ref)` (the next input
+  image) at each placeholder; its text pieces get enable_cfg=human_cfg. A gpt turn is one text
+  item with loss. Without any placeholder the input images go before the first human turn."""
+  n_ph = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns if t.role == 'human')
+  imgs = list(sample.input_img) if image_items is not None else []
+  n_ph = n_ph if image_items is not None else 0
+  if n_ph and n_ph != len(imgs):
+    raise SampleError('missing_fields', sample.file, sample.line,
+                      f'message has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but input_img has '
+                      f'{len(imgs)} image(s)')
+  out: list[PlanItem] = []
+  lead = imgs if not n_ph else []
+  for t in turns:
+    if t.role == 'human':
+      for ref in lead:
+        out += image_items(ref)
+      lead = []
+      text = t.text if image_items is not None else t.text.replace(IMAGE_PLACEHOLDER, ' ')
+      for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if j:
+          out += image_items(imgs.pop(0))
+        it = _text(piece, enable_cfg=human_cfg)
+        if it:
+          out.append(it)
+    else:
+      it = _text(t.text, loss=True)
+      if it:
+        out.append(it)
+  if lead:   # images but no human turn: they open the sample
+    out = [x for ref in lead for x in image_items(ref)] + out
+  return out
+
+
+def plan_sample(sample: Sample) -> list[PlanItem]:
+  """The item list of one sample (SPEC section 6 "Task plans"). Raises SampleError."""
+  fam = task_family(sample)
+  turns = sample.message
+  targets = [PlanItem('vae', image=ref, noised=True, loss=True) for ref in sample.output_img]
+  cond = lambda ref: [PlanItem('vae', image=ref, enable_cfg=True),
+                      PlanItem('vit', image=ref, enable_cfg=True)]
+  if fam == 'understanding':
+    out = _turn_items(sample, turns, lambda ref: [PlanItem('vit', image=ref)], human_cfg=False)
+  elif fam == 'text_to_image':   # no input image: a stray <image> in the prompt is dropped
+    out = _turn_items(sample, turns, None, human_cfg=True) + targets
+  elif fam == 'editing':
+    out = _turn_items(sample, turns, cond, human_cfg=True) + targets
+  else:   # counterfactual: the explanation follows the target and cannot see it
+    human = [t for t in turns if t.role == 'human']
+    gpt = [t for t in turns if t.role == 'gpt']
+    out = (_turn_items(sample, human, cond, human_cfg=True) + targets
+           + _turn_items(sample, gpt, None, human_cfg=False))
+  if not any(it.loss for it in out):
+    raise SampleError('missing_fields', sample.file, sample.line,
+                      f'{fam} sample has nothing to learn: no gpt text and no output image')
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. materialize: text ids, images
+
+
+def _check_grid(sample, what, gh, gw, limit, limit_name):
+  if gh > limit or gw > limit:
+    raise SampleError('too_long', sample.file, sample.line,
+                      f'{what} grid {gh}x{gw} exceeds {limit_name} ({limit})')
+
+
+def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sample
+                ) -> list[PlanItem]:
+  """Fills ids / patches / pixels. Image errors become SampleError with the image's reason."""
+  from unimedvl_jax.data import images as imlib   # Data A's module
+  cache: dict[ImageRef, np.ndarray] = {}
+
+  def load(ref: ImageRef) -> np.ndarray:
+    if ref not in cache:
+      try:
+        cache[ref] = imlib.load_image(ref.path, **ref.load_kwargs())
+      except imlib.ImageError as e:
+        raise SampleError(e.reason, sample.file, sample.line,
+                          f'{getattr(e, "path", ref.path)}: {e}') from None
+      except (OSError, ValueError, MemoryError) as e:   # a reader failing in an unexpected way
+        raise SampleError('undecodable_image', sample.file, sample.line,
+                          f'{ref.path}: {type(e).__name__}: {e}') from None
+    return cache[ref]
+
+  out = []
+  for it in items:
+    it = dataclasses.replace(it)
+    if it.kind == 'text':
+      it.ids = np.asarray(tokenizer.encode(it.text), np.int32)
+    elif it.kind == 'vit':
+      img = load(it.image)
+      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vit_max_size,
+                                 min_size=geom.vit_min_size, stride=geom.vit_patch,
+                                 max_pixels=geom.vit_max_pixels)
+      x = imlib.to_unit_range(imlib.resize(img, (h2, w2)))
+      patches, nh, nw = imlib.vit_patchify(x, geom.vit_patch)
+      _check_grid(sample, 'ViT patch', nh, nw, geom.vit_grid, 'model.vit.grid_size')
+      it.patches, it.grid = np.asarray(patches, np.float32), (int(nh), int(nw))
+    elif it.kind == 'vae':
+      img = load(it.image)
+      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vae_max_size,
+                                 min_size=geom.vae_min_size, stride=geom.latent_px)
+      x = np.asarray(imlib.to_unit_range(imlib.resize(img, (h2, w2))), np.float32)
+      gh, gw = h2 // geom.latent_px, w2 // geom.latent_px
+      _check_grid(sample, 'VAE latent', gh, gw, min(geom.max_latent_size, geom.buf_grid),
+                  'model.max_latent_size / data.vae_buffer_size')
+      it.pixels, it.grid = x, (gh, gw)
+    else:
+      raise ValueError(f'unknown item kind {it.kind!r}')
+    out.append(it)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. tokens
+
+
+@dataclasses.dataclass
+class TokenSample:
+  """One sample as token arrays (length n) plus its image payloads, ready to pack."""
+  input_ids: np.ndarray
+  split: np.ndarray          # item index within the sample, 0..
+  modes: np.ndarray
+  positions: np.ndarray
+  token_type: np.ndarray
+  label_ids: np.ndarray
+  loss_mask: np.ndarray      # float32
+  # per ViT item: (patches [m, K] f32, pos_ids [m], token offsets [m])
+  vit: list = dataclasses.field(default_factory=list)
+  # per VAE item: (pixels [h, w, 3] f32, noised, token offsets [k], latent_patch [k],
+  #                latent_pos [k])
+  vae: list = dataclasses.field(default_factory=list)
+  loc: str = ''
+  group: str = ''
+
+  @property
+  def n_tokens(self) -> int:
+    return int(self.input_ids.shape[0])
+
+  @property
+  def n_lat(self) -> int:
+    return int(sum(v[2].shape[0] for v in self.vae))
+
+  @property
+  def n_und(self) -> int:
+    return self.n_tokens - self.n_lat
+
+  @property
+  def n_patches(self) -> int:
+    return int(sum(v[0].shape[0] for v in self.vit))
+
+  @property
+  def n_vae(self) -> int:
+    return len(self.vae)
+
+  @property
+  def n_splits(self) -> int:
+    return int(self.split.max()) + 1 if self.n_tokens else 0
+
+  def budget_problem(self, geom: Geometry) -> str | None:
+    """Why this sample can never be packed (None if it fits an empty pack)."""
+    if self.n_tokens == 0:
+      return 'the sample has no tokens'
+    checks = ((self.n_tokens, geom.max_sample_tokens, 'tokens > data.max_sample_tokens'),
+              (self.n_tokens, geom.T, 'tokens > data.seq_len'),
+              (self.n_und, geom.U, 'understanding tokens > seq_len - max_latent_tokens'),
+              (self.n_lat, geom.L, 'latent tokens > data.max_latent_tokens'),
+              (self.n_patches, geom.P, 'ViT patches > data.max_vit_patches'),
+              (self.n_vae, geom.N, 'VAE images > data.max_vae_images'))
+    for have, cap, what in checks:
+      if have > cap:
+        return f'{have} {what} ({cap})'
+    return None
+
+
+def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
+             rng: np.random.Generator | None = None, dropout=(0.0, 0.0, 0.0),
+             loc: str = '', group: str = '') -> TokenSample:
+  """Token arrays of one sample (SPEC section 3). `dropout` = (p_text, p_vit, p_vae): an item
+  with enable_cfg is dropped with that probability, one rng.random() draw per such item."""
+  p_text, p_vit, p_vae = dropout
+  segs = []   # per kept item: (ids, mode, token_type, positions, labels, loss_mask)
+  vit, vae = [], []
+  counter, n = 0, 0
+  for it in items:
+    p_drop = {'text': p_text, 'vit': p_vit, 'vae': p_vae}[it.kind]
+    if it.enable_cfg and p_drop > 0 and rng is not None and rng.random() < p_drop:
+      if it.kind != 'text':
+        counter += 1
+      continue
+    if it.kind == 'text':
+      t = np.asarray(it.ids, np.int32).reshape(-1)
+      m = t.size + 2
+      ids = np.concatenate([[specials.im_start], t, [specials.im_end]]).astype(np.int32)
+      tt = np.full(m, TOKEN_TEXT, np.int32)
+      pos = np.arange(counter, counter + m, dtype=np.int32)
+      if it.loss:   # position j predicts ids[j + 1]; the final <|im_end|> has no label
+        lab = np.concatenate([ids[1:], [0]]).astype(np.int32)
+        lm = np.concatenate([np.ones(m - 1, np.float32), [0.0]]).astype(np.float32)
+      else:
+        lab, lm = np.zeros(m, np.int32), np.zeros(m, np.float32)
+      segs.append((ids, MODE_CAUSAL, tt, pos, lab, lm))
+      counter += m
+    elif it.kind in ('vit', 'vae'):
+      gh, gw = it.grid
+      k = gh * gw
+      m = k + 2
+      ids = np.zeros(m, np.int32)
+      ids[0], ids[-1] = specials.vision_start, specials.vision_end
+      tt = np.full(m, TOKEN_VIT if it.kind == 'vit' else TOKEN_VAE, np.int32)
+      tt[0] = tt[-1] = TOKEN_TEXT
+      offs = np.arange(n + 1, n + 1 + k, dtype=np.int32)
+      r, c = np.divmod(np.arange(k, dtype=np.int32), gw)
+      if it.kind == 'vit':
+        mode = MODE_FULL
+        vit.append((np.asarray(it.patches, np.float32).reshape(k, geom.K),
+                    (r * geom.vit_grid + c).astype(np.int32), offs))
+      else:
+        mode = MODE_NOISE if it.noised else MODE_FULL
+        vae.append((np.asarray(it.pixels, np.float32), bool(it.noised), offs,
+                    (r * geom.buf_grid + c).astype(np.int32),
+                    (r * geom.max_latent_size + c).astype(np.int32)))
+      segs.append((ids, mode, tt, np.full(m, counter, np.int32), np.zeros(m, np.int32),
+                   np.zeros(m, np.float32)))
+      if not (it.kind == 'vae' and it.noised):
+        counter += 1
+    else:
+      raise ValueError(f'unknown item kind {it.kind!r}')
+    n += segs[-1][0].size
+  if not segs:
+    z = np.zeros(0, np.int32)
+    return TokenSample(z, z, z, z, z, z, np.zeros(0, np.float32), [], [], loc, group)
+  cat = lambda j: np.concatenate([sg[j] for sg in segs])
+  split = np.concatenate([np.full(sg[0].size, i, np.int32) for i, sg in enumerate(segs)])
+  modes = np.concatenate([np.full(sg[0].size, sg[1], np.int32) for sg in segs])
+  return TokenSample(cat(0), split, modes, cat(3), cat(2), cat(4), cat(5), vit, vae, loc, group)
+
+
+def sample_token_counts(items: Sequence[PlanItem], geom: Geometry) -> dict:
+  """Token / patch / latent counts of materialized items without dropout (SPEC section 3)."""
+  n = lat = patches = vae = 0
+  for it in items:
+    if it.kind == 'text':
+      n += len(np.asarray(it.ids).reshape(-1)) + 2
+    elif it.kind == 'vit':
+      patches += it.grid[0] * it.grid[1]
+      n += it.grid[0] * it.grid[1] + 2
+    else:
+      lat += it.grid[0] * it.grid[1]
+      vae += 1
+      n += it.grid[0] * it.grid[1] + 2
+  return dict(tokens=n, latent=lat, und=n - lat, patches=patches, vae_images=vae)

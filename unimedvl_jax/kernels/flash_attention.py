@@ -1,0 +1,230 @@
+"""Fused (flash) attention of packed multimodal sequences, forward and backward, in Pallas.
+
+    flash_attention(q, k, v, segment_ids, split_ids, split_modes, *, scale=None,
+                    block_q=None, block_k=None, backend='auto', interpret=None, density=None)
+
+q [B, T, Hq, D]; k, v [B, T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention; KV heads
+are never repeated in memory). Metadata int32 [B, T] exactly as
+`unimedvl_jax.model.attention.attention_mask` takes it (segment 0 = padding; modes 0 causal,
+1 full, 2 noise). Returns [B, T, Hq, D] in q's dtype, equal to `reference_attention` on every
+query that has at least one allowed key; queries with none (padding) get zeros.
+
+Algorithm: online-softmax flash attention, f32 accumulation. The mask is never materialised:
+(query block, key block) pairs are classified SKIP / PARTIAL / FULL from per-block metadata
+summaries in plain JAX (`block_mask.py`); kernels walk compacted per-row work lists, never touch
+SKIP blocks, and evaluate `allowed` (model/attention.py) only on PARTIAL blocks. The backward is a
+`jax.custom_vjp` with two Pallas kernels, dq (per query block) and dk/dv (per key block, summed
+over the query heads of each KV group), both recomputing probabilities from the saved
+log-sum-exp, both block-skipping. T is padded internally to a multiple of the blocks (padding
+segment 0) and the result sliced.
+
+Backends (`backend=`):
+  'generic'  [B, T, H, D] layout, one program per (batch, head, block) looping over its work list;
+             lowers to Triton on GPU, runs in interpret mode on CPU. Blocks: powers of two >= 16;
+             the head dim is zero-padded to a power of two.
+  'tpu'      Mosaic variant: [B, H, T, D] layout (lane dim = head dim), the key loop is a grid
+             axis whose block indices come from scalar-prefetched work lists (skipped blocks
+             re-use the previous block index, so they cost no DMA and no compute). Blocks:
+             multiples of 128 (default 512 x 512).
+  'auto'     'tpu' when jax.default_backend() == 'tpu', else 'generic'.
+`interpret=None` means: interpret mode iff jax.default_backend() == 'cpu'.
+
+Cost estimate: each pallas_call carries a `pl.CostEstimate` counting only computed blocks. The
+number of computed blocks depends on the metadata, which is traced under jit, so the estimate
+uses `density` = the fraction of computed (non-skipped) blocks: exact when the metadata are
+concrete arrays at call time; under tracing the caller's `density` if given, else 0.5 (the
+causal convention). `block_sparsity` measures it for a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from unimedvl_jax.kernels import _flash_generic, _flash_tpu
+from unimedvl_jax.kernels.block_mask import (BlockLists, block_lists, block_sparsity,
+                                             classify_blocks)
+
+__all__ = ['flash_attention', 'block_sparsity', 'default_block_sizes', 'resolve_backend']
+
+DEFAULT_BLOCKS = {'generic': (64, 64), 'tpu': (512, 512)}
+MIN_BLOCK = {'generic': 16, 'tpu': 128}
+
+
+def resolve_backend(backend: str = 'auto') -> str:
+  if backend == 'auto':
+    return 'tpu' if jax.default_backend() == 'tpu' else 'generic'
+  if backend not in ('generic', 'tpu'):
+    raise ValueError(f"flash_attention backend must be 'auto', 'generic' or 'tpu', got {backend!r}")
+  return backend
+
+
+def default_block_sizes(backend: str = 'auto') -> tuple[int, int]:
+  return DEFAULT_BLOCKS[resolve_backend(backend)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  scale: float
+  block_q: int
+  block_k: int
+  backend: str
+  interpret: bool
+  density: float
+  num_warps: int | None
+  num_stages: int | None
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def _fit_block(block: int, T: int, backend: str) -> int:
+  """Shrink a block to the (rounded-up) sequence length for short sequences."""
+  lo = MIN_BLOCK[backend]
+  need = max(lo, 1 << max(0, (T - 1).bit_length())) if backend == 'generic' else -(-T // lo) * lo
+  return min(block, need)
+
+
+def _cost(cfg: _Config, kind: str, B, Tp, Hq, Hkv, D, itemsize) -> pl.CostEstimate:
+  nq, nk = Tp // cfg.block_q, Tp // cfg.block_k
+  blocks = int(math.ceil(cfg.density * nq * nk)) * B     # computed blocks per head
+  pairs = blocks * cfg.block_q * cfg.block_k
+  mm = {'fwd': 2, 'dq': 3, 'dkv': 4}[kind]                # matmuls per block
+  flops = 2 * mm * pairs * D * Hq
+  tr = pairs * Hq
+  seq = B * Tp * D * itemsize                             # one head of q/k/v/o
+  streamed = blocks * D * itemsize * Hq                   # per computed block, per element row
+  if kind == 'fwd':     # q, o once; k, v per computed block; lse
+    by = 2 * seq * Hq + 2 * streamed * cfg.block_k + 4 * B * Hq * Tp
+  elif kind == 'dq':    # q, do, dq once; k, v per block; lse, delta
+    by = 3 * seq * Hq + 2 * streamed * cfg.block_k + 8 * B * Hq * Tp
+  else:                 # k, v, dk, dv once; q, do, lse, delta per block
+    by = 4 * seq * Hkv + 2 * streamed * cfg.block_q + 8 * blocks * cfg.block_q * Hq
+  by += 12 * B * Tp
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(tr), bytes_accessed=int(by))
+
+
+def _lists(meta, cfg: _Config, transpose: bool) -> BlockLists:
+  cls = classify_blocks(meta[:, 0], meta[:, 1], meta[:, 2], cfg.block_q, cfg.block_k)
+  return block_lists(jnp.swapaxes(cls, 1, 2) if transpose else cls)
+
+
+def _forward(q, k, v, meta, cfg: _Config):
+  B, Tp, Hq, D = q.shape
+  Hkv = k.shape[2]
+  lists = _lists(meta, cfg, transpose=False)
+  kw = dict(scale=cfg.scale, bq=cfg.block_q, bk=cfg.block_k, interpret=cfg.interpret,
+            cost_estimate=_cost(cfg, 'fwd', B, Tp, Hq, Hkv, D, q.dtype.itemsize))
+  if cfg.backend == 'tpu':
+    return _flash_tpu.forward(q, k, v, meta, lists, **kw)
+  return _flash_generic.forward(q, k, v, meta, lists, num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages, **kw)
+
+
+def _backward(q, k, v, meta, o, lse, do, cfg: _Config):
+  B, Tp, Hq, D = q.shape
+  Hkv = k.shape[2]
+  delta = jnp.einsum('bthd,bthd->bht', o.astype(jnp.float32), do.astype(jnp.float32))
+  do = do.astype(q.dtype)
+  lists = _lists(meta, cfg, transpose=False)
+  lists_t = _lists(meta, cfg, transpose=True)
+  kw = dict(scale=cfg.scale, bq=cfg.block_q, bk=cfg.block_k, interpret=cfg.interpret)
+  cost = functools.partial(_cost, cfg, B=B, Tp=Tp, Hq=Hq, Hkv=Hkv, D=D,
+                           itemsize=q.dtype.itemsize)
+  if cfg.backend == 'tpu':
+    mod, extra = _flash_tpu, {}
+  else:
+    mod, extra = _flash_generic, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  dq = mod.backward_dq(q, k, v, do, lse, delta, meta, lists, cost_estimate=cost('dq'),
+                       **kw, **extra)
+  dk, dv = mod.backward_dkv(q, k, v, do, lse, delta, meta, lists_t, cost_estimate=cost('dkv'),
+                            **kw, **extra)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, meta, cfg: _Config):
+  return _forward(q, k, v, meta, cfg)[0]
+
+
+def _flash_fwd(q, k, v, meta, cfg: _Config):
+  o, lse = _forward(q, k, v, meta, cfg)
+  return o, (q, k, v, meta, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+  q, k, v, meta, o, lse = res
+  dq, dk, dv = _backward(q, k, v, meta, o, lse, do, cfg)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _concrete(*xs) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def flash_attention(q, k, v, segment_ids, split_ids, split_modes, *, scale=None,
+                    block_q: int | None = None, block_k: int | None = None,
+                    backend: str = 'auto', interpret: bool | None = None,
+                    density: float | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None):
+  """Packed-sequence attention (see the module docstring). Differentiable in q, k, v."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f'q, k, v must be [B, T, H, D], got {q.shape}, {k.shape}, {v.shape}')
+  B, T, Hq, D = q.shape
+  if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
+    raise ValueError(f'k and v must be [B, T, Hkv, D] = [{B}, {T}, Hkv, {D}], '
+                     f'got {k.shape} and {v.shape}')
+  Hkv = k.shape[2]
+  if Hq % Hkv:
+    raise ValueError(f'query heads ({Hq}) must be a multiple of key/value heads ({Hkv})')
+  for name, x in (('segment_ids', segment_ids), ('split_ids', split_ids),
+                  ('split_modes', split_modes)):
+    if tuple(x.shape) != (B, T):
+      raise ValueError(f'{name} must be [B, T] = [{B}, {T}], got {tuple(x.shape)}')
+  backend = resolve_backend(backend)
+  if interpret is None:
+    interpret = jax.default_backend() == 'cpu'
+  dbq, dbk = DEFAULT_BLOCKS[backend]
+  bq = _fit_block(block_q or dbq, T, backend)
+  bk = _fit_block(block_k or dbk, T, backend)
+  lo = MIN_BLOCK[backend]
+  for name, b in (('block_q', bq), ('block_k', bk)):
+    if backend == 'generic' and (not _is_pow2(b) or b < lo):
+      raise ValueError(f'{name}={b}: the generic backend needs a power of two >= {lo}')
+    if backend == 'tpu' and b % lo and not interpret:
+      raise ValueError(f'{name}={b}: the TPU backend needs a multiple of {lo}')
+  if max(bq, bk) % min(bq, bk):
+    raise ValueError(f'block_q={bq} and block_k={bk} must divide one another')
+  scale = float(D ** -0.5 if scale is None else scale)
+
+  meta = jnp.stack([jnp.asarray(x, jnp.int32) for x in (segment_ids, split_ids, split_modes)],
+                   axis=1)                                       # [B, 3, T]
+  Tp = -(-T // max(bq, bk)) * max(bq, bk)
+  if density is None:
+    if _concrete(segment_ids, split_ids, split_modes):
+      with jax.ensure_compile_time_eval():
+        density = float(block_sparsity(segment_ids, split_ids, split_modes, bq, bk)['computed'])
+    else:
+      density = 0.5
+  cfg = _Config(scale=scale, block_q=bq, block_k=bk, backend=backend, interpret=bool(interpret),
+                density=float(density), num_warps=num_warps, num_stages=num_stages)
+
+  Dp = D
+  if backend == 'generic' and not _is_pow2(D):
+    Dp = 1 << (D - 1).bit_length()
+  pad_t, pad_d = Tp - T, Dp - D
+  if pad_t or pad_d:
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, pad_t), (0, 0), (0, pad_d)))
+    q, k, v = pad(q), pad(k), pad(v)
+    meta = jnp.pad(meta, ((0, 0), (0, 0), (0, pad_t)))
+  out = _flash(q, k, v, meta, cfg)
+  return out[:, :T, :, :D] if (pad_t or pad_d) else out

@@ -1,0 +1,216 @@
+"""Parameter counts, analytic model FLOPs, the measured matmul peak, MFU, traces and HLO dumps.
+
+FLOPs convention (documented once, used by every benchmark and by `inspect`):
+- a matmul of [m, k] x [k, n] is 2*m*k*n FLOPs; elementwise ops, norms, softmax are not counted;
+- every token slot of the static pack budget is counted (padding included: it is computed);
+- attention counts 4*D FLOPs per (query head, key) pair that the mask ALLOWS (QK^T and PV), so
+  causal text is counted about halved and invisible noised images not at all; when the pairs are
+  unknown (planning) a causal sequence is assumed (T*(T+1)/2 pairs);
+- training = forward + backward = 3x forward for trainable parts; frozen towers (VAE always, ViT
+  when frozen) count their forward only; rematerialisation is NOT counted (MFU, not HFU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unimedvl_jax.model.embeddings import Buffer
+
+
+# ------------------------------------------------------------------------------ parameter counts
+
+def abstract_model(cfg_model):
+  """The model's variables as ShapeDtypeStructs (nothing allocated)."""
+  from unimedvl_jax.model.unimedvl import UniMedVL
+  return nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0)))
+
+
+def _component(path: tuple) -> str:
+  p = [str(x) for x in path]
+  if p[0] == 'decoder':
+    if p[1] == 'layers':
+      return 'llm_und' if p[2] == 'und' else 'llm_gen'
+    return 'llm_gen' if p[1] == 'norm_moe_gen' else 'llm_und'
+  if p[0] in ('embed_tokens', 'lm_head'):
+    return 'llm_und'
+  return p[0]
+
+
+def param_counts(cfg_model) -> dict[str, int]:
+  """Parameter counts per component, `total` (without the VAE, counting the frozen sin-cos tables
+  as the reference checkpoint does) and `vae`."""
+  model = abstract_model(cfg_model)
+  counts: dict[str, int] = {}
+  flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param))) + list(
+      nnx.to_flat_state(nnx.state(model, Buffer)))
+  for path, v in flat:
+    c = _component(path)
+    counts[c] = counts.get(c, 0) + int(np.prod(v.shape))
+  vae = counts.pop('vae', 0)
+  out = dict(sorted(counts.items()))
+  out['llm'] = out.get('llm_und', 0) + out.get('llm_gen', 0)
+  out['total'] = sum(v for k, v in counts.items())
+  out['vae'] = vae
+  return out
+
+
+# ------------------------------------------------------------------------------ analytic FLOPs
+
+def _vae_encoder_flops(vae, size: int) -> float:
+  """Forward FLOPs of the FLUX encoder on one size x size image (convs + mid attention)."""
+  ch, mult, nres, z = vae.base_channels, tuple(vae.channel_mult), vae.num_res_blocks, vae.z_channels
+  conv = lambda h, w, ci, co, k: 2.0 * h * w * ci * co * k * k
+  f = 0.0
+  h = w = size
+  f += conv(h, w, vae.in_channels, ch, 3)
+  cin = ch
+  for i, m in enumerate(mult):
+    cout = ch * m
+    for _ in range(nres):
+      f += conv(h, w, cin, cout, 3) + conv(h, w, cout, cout, 3)
+      if cin != cout:
+        f += conv(h, w, cin, cout, 1)
+      cin = cout
+    if i != len(mult) - 1:
+      h, w = h // 2, w // 2
+      f += conv(h, w, cin, cin, 3)
+  c = cin
+  res = 2 * (conv(h, w, c, c, 3) * 2)
+  attn = 4 * conv(h, w, c, c, 1) + 2 * 2.0 * (h * w) ** 2 * c
+  f += res + attn + conv(h, w, c, 2 * z, 3)
+  return f
+
+
+def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: float | None = None,
+                         frozen: tuple[str, ...] | None = None) -> dict[str, float]:
+  """Analytic training FLOPs of one step at the config's static budgets (see module doc).
+
+  attn_pairs: allowed (query, key) pairs summed over the batch (None -> causal over T).
+  vit_pairs: allowed ViT pairs summed over the batch (None -> P^2 / 4, i.e. ~4 images per pack).
+  """
+  m, d = cfg.model, cfg.data
+  llm = m.llm
+  frozen = tuple(cfg.train.freeze) if frozen is None else frozen
+  B, T, L = d.batch_size, d.seq_len, d.max_latent_tokens
+  U = T - L
+  H, D, Hq, Hkv, I, V = (llm.hidden_size, llm.head_dim, llm.num_heads, llm.num_kv_heads,
+                         llm.intermediate_size, llm.vocab_size)
+  layer_params = H * Hq * D + 2 * H * Hkv * D + Hq * D * H + 3 * H * I
+  fwd = {}
+  fwd['llm_layers'] = 2.0 * layer_params * llm.num_layers * B * T
+  if attn_pairs is None:
+    attn_pairs = B * T * (T + 1) / 2
+  fwd['llm_attention'] = 4.0 * D * Hq * attn_pairs * llm.num_layers
+  fwd['lm_head'] = 2.0 * H * V * B * U
+  out = {}
+  if m.vit.enabled and d.max_vit_patches > 0:
+    v = m.vit
+    P = d.max_vit_patches
+    K = 3 * v.patch_size ** 2
+    vp = vit_pairs if vit_pairs is not None else B * P * P / 4
+    vit = 2.0 * B * P * (K * v.hidden_size + v.num_layers * (4 * v.hidden_size ** 2 +
+                                                             2 * v.hidden_size * v.intermediate_size))
+    vit += 4.0 * v.hidden_size * vp * v.num_layers
+    conn = 2.0 * B * P * (v.hidden_size * H + H * H)
+    if 'vit' in frozen:
+      out['vit_frozen_fwd'] = vit
+    else:
+      fwd['vit'] = vit
+    fwd['connector'] = conn
+  if m.vae.enabled and L > 0:
+    fwd['gen_adapters'] = 2.0 * B * L * (64 * H + m.timestep_freq_dim * H + H * H + H * 64)
+    out['vae_frozen_fwd'] = B * d.max_vae_images * _vae_encoder_flops(m.vae, d.vae_buffer_size)
+  out['forward'] = sum(fwd.values()) + out.get('vit_frozen_fwd', 0.0) + out.get('vae_frozen_fwd', 0.0)
+  out['train'] = 3.0 * sum(fwd.values()) + out.get('vit_frozen_fwd', 0.0) + out.get('vae_frozen_fwd', 0.0)
+  out.update({f'fwd_{k}': val for k, val in fwd.items()})
+  return out
+
+
+def expert_layer_flops(cfg, tokens: int) -> float:
+  """Forward FLOPs of ONE expert's layer (projections + MLP) for `tokens` tokens."""
+  llm = cfg.model.llm
+  H, D, Hq, Hkv, I = llm.hidden_size, llm.head_dim, llm.num_heads, llm.num_kv_heads, llm.intermediate_size
+  return 2.0 * tokens * (H * Hq * D + 2 * H * Hkv * D + Hq * D * H + 3 * H * I)
+
+
+def allowed_pairs(batch, heads_free: bool = True) -> float:
+  """Exact allowed (q, k) pairs of a packed numpy batch (for the attention FLOPs)."""
+  seg, spl, mode = (np.asarray(batch[k]) for k in ('segment_ids', 'split_ids', 'split_modes'))
+  total = 0.0
+  for b in range(seg.shape[0]):
+    s, p, mo = seg[b], spl[b], mode[b]
+    idx = np.arange(s.shape[0])
+    same = (s[:, None] == s[None, :]) & (s[:, None] != 0)
+    earlier = p[None, :] < p[:, None]
+    same_split = p[None, :] == p[:, None]
+    inside = same_split & ((mo[:, None] != 0) | (idx[None, :] <= idx[:, None]))
+    hidden = (mo[None, :] == 2) & ~same_split
+    total += float(np.sum(same & (earlier | inside) & ~hidden))
+  return total
+
+
+# ------------------------------------------------------------------------------ peak and MFU
+
+def measure_matmul_peak(dtype=jnp.bfloat16, n: int = 2048, iters: int = 5) -> float:
+  """Achieved FLOP/s of a large square matmul on the default device (the MFU denominator)."""
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak device memory if the backend reports it (TPU/GPU), else the process peak RSS."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+      return int(stats['peak_bytes_in_use'])
+  except Exception:  # noqa: BLE001 - not all backends implement memory_stats
+    pass
+  try:
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+  except Exception:  # noqa: BLE001
+    return None
+
+
+def compiled_cost(compiled) -> dict[str, Any]:
+  """FLOPs / bytes from XLA's cost analysis of a compiled executable (a scanned body counts once)."""
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  ca = ca or {}
+  return {'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0))}
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return {}
+  keys = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+          'generated_code_size_in_bytes', 'alias_size_in_bytes', 'peak_memory_in_bytes')
+  return {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
+
+
+def dump_hlo(compiled, path: str) -> None:
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(compiled.as_text())
+
+
+def print_json(obj) -> None:
+  print(json.dumps(obj, indent=2, sort_keys=False))
