@@ -54,7 +54,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Returns 0 on success, 2 when the conversion is refused (the error lists what is wrong)."""
+  from unimedvl_jax.interop.import_torch import TorchImportError
+  from unimedvl_jax.interop.keymap import KeyMapError, KeySetError
   args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except (KeySetError, KeyMapError, TorchImportError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
   if args.cmd == 'import':
     from unimedvl_jax.interop.import_torch import import_checkpoint
     cfg, report = import_checkpoint(args.torch_dir, args.out, config_path=args.config,

@@ -17,6 +17,21 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+
+def _topology_arg(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--topology='):
+      return a.split('=', 1)[1]
+    if a == '--topology' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+if _topology_arg(sys.argv):
+  # libtpu's environment and JAX_PLATFORMS=cpu must be set before jax initialises a backend
+  from unimedvl_jax.aot import prepare_env
+  prepare_env(_topology_arg(sys.argv))
+
 config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=True)
 flags.DEFINE_string('topology', None, 'TPU topology to AOT-compile for, e.g. v5p:4x4x4')
 flags.DEFINE_string('out', None, 'also write the JSON here')

@@ -111,3 +111,21 @@ def test_cli(bad_dir, synthetic_dir):
   assert out.returncode == 1, out.stderr[-2000:]
   r = json.loads(out.stdout)
   assert r['samples_read'] == 8 and r['skipped']['malformed_json'] == 1
+
+
+def test_jsonl_source_lines_and_parse_errors(tmp_path):
+  from unimedvl_jax.data.jsonl import JsonlSource, SampleError, iter_records
+  f = tmp_path / 'x.jsonl'
+  rec = json.dumps({'message': [{'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'yo'}],
+                    'input_img': [{'path': 'a/b.png', 'height': 4}], 'meta': {'k': 1}})
+  f.write_bytes((rec + '\r\n\r\n\n' + '[1, 2]\n' + '{"message": []}\n' +
+                 json.dumps({'message': [{'from': 'bot', 'value': 'x'}]}) + '\n' + rec).encode())
+  src = JsonlSource([str(f)])
+  assert len(src) == 5 and [src[i].line for i in range(5)] == [1, 4, 5, 6, 7]
+  out = list(iter_records(str(f), root='/data'))
+  s = out[0]
+  assert s.input_img[0].path == '/data/a/b.png' and s.input_img[0].height == 4
+  assert s.meta == {'k': 1} and s.loc == f'{f}:1' and out[4].loc == f'{f}:7'
+  errs = [(e.reason, e.line) for e in out if isinstance(e, SampleError)]
+  assert errs == [('malformed_json', 4), ('missing_fields', 5), ('missing_fields', 6)]
+  assert 'must hold one JSON object' in str(out[1]) and "message[0] must be" in str(out[3])

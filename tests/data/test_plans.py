@@ -1,6 +1,8 @@
 """Sequence plans per task family and their token arrays, against hand-written expectations
 (SPEC section 3 and section 6 "Task plans")."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -235,3 +237,31 @@ def test_budget_problem():
   assert 'max_sample_tokens' in tokenize([_text([1] * 11, loss=True)], SP, g).budget_problem(g)
   assert 'VAE images' in tokenize([_vae(1, 1), _vae(1, 1, noised=True)], SP, g).budget_problem(g)
   assert 'ViT patches' in tokenize([_vit(1, 5), _text([1], loss=True)], SP, g).budget_problem(g)
+
+
+def test_materialize_real_images_token_counts(tmp_path, tokenizer):
+  """ViT image: (H/p)*(W/p) + 2 tokens; VAE image: (H/16)*(W/16) + 2 (tiny size rules)."""
+  from PIL import Image
+  from unimedvl_jax.data.plans import materialize
+  Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(tmp_path / 'in.png')
+  Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(tmp_path / 'out.png')
+  g = Geometry(T=512, L=128, P=256, N=8, S=64, vit_patch=8, vit_grid=8, latent_px=16,
+               max_latent_size=4, vit_max_size=64, vit_min_size=32, vae_max_size=64,
+               vae_min_size=32)
+  s = Sample('f.jsonl', 3, '', 'segmentation', '', (ImageRef(str(tmp_path / 'in.png')),),
+             (ImageRef(str(tmp_path / 'out.png')),),
+             (Turn('human', '<image>\nSegment.'), Turn('gpt', 'Done.')), {})
+  items = materialize(plan_sample(s), tokenizer, g, s)
+  assert [(it.kind, it.grid) for it in items if it.kind != 'text'] == [
+      ('vae', (3, 4)), ('vit', (6, 8)), ('vae', (4, 4))]
+  assert items[1].patches.shape == (48, 192) and items[0].pixels.shape == (48, 64, 3)
+  assert -1.0 <= items[0].pixels.min() and items[0].pixels.max() <= 1.0
+  ts = tokenize(items, Specials.from_tokenizer(tokenizer), g)
+  n_text = sum(len(it.ids) + 2 for it in items if it.kind == 'text')
+  assert ts.n_tokens == (3 * 4 + 2) + (6 * 8 + 2) + (4 * 4 + 2) + n_text
+  assert (ts.n_lat, ts.n_patches, ts.n_vae) == (28, 48, 2)
+  missing = dataclasses.replace(s, input_img=(ImageRef(str(tmp_path / 'nope.png')),))
+  with pytest.raises(SampleError) as e:
+    materialize(plan_sample(missing), tokenizer, g, missing)
+  assert e.value.reason == 'missing_file' and e.value.loc == 'f.jsonl:3'
+  assert 'nope.png' in str(e.value)

@@ -8,6 +8,7 @@ with infer/context.py (index building, positions and splits are re-derived here 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.infer.context import Specials
+from unimedvl_jax.infer.random_init import random_model
 from unimedvl_jax.model.unimedvl import UniMedVL, inverse_permutation, packed_attend
 
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
@@ -26,6 +28,7 @@ SPECIALS = Specials(3, 4, 5, 6)
 
 def tiny_cfg(*overrides):
   return load_config_file(TINY, ['model.llm.num_layers=2', 'model.vit.num_layers=1',
+                                 'model.init_std=0.1',
                                  *overrides])
 
 
@@ -35,16 +38,12 @@ _MODELS = {}
 def tiny_model(*overrides, seed=0):
   """A random tiny model (float32), cached per (overrides, seed) within the test process.
 
-  llm2vae is zero-initialised in the real model; it is re-drawn here so velocities are non-zero.
+  Built by `random_model` (no compile at init); llm2vae is random (non-zero velocities).
   """
   key = (overrides, seed)
   if key not in _MODELS:
     cfg = tiny_cfg(*overrides)
-    m = UniMedVL(cfg.model, rngs=nnx.Rngs(seed))
-    if getattr(m, 'has_vae', False):
-      k = m.llm2vae.kernel
-      k[...] = 0.02 * jax.random.normal(jax.random.key(seed + 1), k.shape, k.dtype)
-    _MODELS[key] = (cfg, m)
+    _MODELS[key] = (cfg, random_model(cfg.model, seed, bias_std=0.02))
   return _MODELS[key]
 
 
@@ -95,29 +94,47 @@ def reference_forward(model, items, *, vit_patch=None):
   ids, kind = np.asarray(ids), np.asarray(kind)
   und = np.flatnonzero(kind != 2)
   gen = np.flatnonzero(kind == 2)
-  perm = jnp.asarray(np.concatenate([und, gen])[None], jnp.int32)
-  inv = inverse_permutation(perm)
-  x_u = model.embed_text(jnp.asarray(ids[und][None], jnp.int32))
+  pos = np.asarray(pos)
+  a = dict(perm=np.concatenate([und, gen])[None], ids_und=ids[und][None],
+           pos_und=pos[und][None], pos_gen=pos[gen][None],
+           meta=np.stack([np.ones(T), split, mode])[:, None])
+  a = {k: np.asarray(v, np.int32) for k, v in a.items()}
   if vit_p:
-    patches = np.concatenate(vit_p)
-    seg = np.concatenate([np.full(len(a), i + 1) for i, a in enumerate(vit_pos)])
-    vt = model.embed_vit(jnp.asarray(patches[None]), jnp.asarray(seg[None], jnp.int32),
-                         jnp.asarray(np.concatenate(vit_pos)[None], jnp.int32))
-    dest = np.searchsorted(und, np.concatenate(vit_tok))
-    x_u = x_u.at[0, dest].set(vt[0].astype(x_u.dtype))
+    a['vit_patches'] = np.concatenate(vit_p)[None]
+    a['vit_seg'] = np.concatenate([np.full(len(x), i + 1) for i, x in enumerate(vit_pos)])[None]
+    a['vit_pos'] = np.concatenate(vit_pos)[None]
+    a['vit_dest'] = np.searchsorted(und, np.concatenate(vit_tok))
   if lat_x:
-    x_g = model.embed_latents(jnp.asarray(np.concatenate(lat_x)[None]),
-                              jnp.asarray(np.concatenate(lat_t)[None]),
-                              jnp.asarray(np.concatenate(lat_pos)[None], jnp.int32))
+    a['lat_x'] = np.concatenate(lat_x)[None]
+    a['lat_t'] = np.concatenate(lat_t)[None]
+    a['lat_pos'] = np.concatenate(lat_pos)[None]
+  graphdef, state = nnx.split(model)
+  logits, vel = _reference_jit(graphdef, state, a)
+  out = dict(logits=np.asarray(logits[0]), und_seq=und, gen_seq=gen)
+  if lat_x:
+    out['velocity'] = np.asarray(vel[0])
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _reference_jit(graphdef, state, a):
+  model = nnx.merge(graphdef, state)
+  perm = a['perm']
+  inv = inverse_permutation(perm)
+  U = a['ids_und'].shape[1]
+  x_u = model.embed_text(a['ids_und'])
+  if 'vit_patches' in a:
+    vt = model.embed_vit(a['vit_patches'], a['vit_seg'].astype(jnp.int32),
+                         a['vit_pos'].astype(jnp.int32))
+    x_u = x_u.at[0, a['vit_dest']].set(vt[0].astype(x_u.dtype))
+  if 'lat_x' in a:
+    x_g = model.embed_latents(a['lat_x'], a['lat_t'], a['lat_pos'].astype(jnp.int32))
   else:
     x_g = jnp.zeros((1, 0, model.hidden_size), model.dtype)
-  pos = np.asarray(pos)
-  rope_u = model.rope(jnp.asarray(pos[und][None], jnp.int32))
-  rope_g = model.rope(jnp.asarray(pos[gen][None], jnp.int32))
-  meta = tuple(jnp.asarray(a[None], jnp.int32) for a in (np.ones(T), split, mode))
-  attend = packed_attend(perm, inv, meta, len(und), 'xla')
+  rope_u = model.rope(a['pos_und'])
+  rope_g = model.rope(a['pos_gen'])
+  meta = tuple(a['meta'][i] for i in range(3))
+  attend = packed_attend(perm, inv, meta, U, 'xla')
   h_u, h_g, _ = model.decoder(x_u, x_g, rope_u, rope_g, attend)
-  out = dict(logits=np.asarray(model.logits(h_u)[0]), und_seq=und, gen_seq=gen)
-  if lat_x:
-    out['velocity'] = np.asarray(model.velocity(h_g)[0])
-  return out
+  vel = model.velocity(h_g) if 'lat_x' in a else None
+  return model.logits(h_u), vel

@@ -45,7 +45,7 @@ def test_prefill_in_pieces_equals_one_block(model):
   """Items prefilled one call at a time give the same cache as one multi-item block."""
   ids_a, ids_b = [7, 8, 9, 10], [12, 13]
   img = _img(2, 16, 16)
-  ctx = C.new_context(model, 1, 48)
+  ctx = C.new_context(model, 1, 64)
   c1 = C.add_text(model, ctx, ids_a, SPECIALS)
   c1 = C.add_image(model, c1, SPECIALS, vit=img)
   c1 = C.add_text(model, c1, ids_b, SPECIALS)
@@ -66,10 +66,10 @@ def test_ragged_rows_equal_single_rows_and_reference(model):
   img = _img(3, 16, 32)
   tok, grid = C.encode_vae_tokens(model, _img(4, 16, 32))
   rows = [[5, 9, 17, 33], [40, 41]]
-  ctx = C.new_context(model, 2, 40)
+  ctx = C.new_context(model, 2, 64)
   ctx = C.add_text(model, ctx, rows, SPECIALS)
   ctx = C.add_image(model, ctx, SPECIALS, vit=[img, None], vae_tokens=[(tok, grid), None])
-  single = C.new_context(model, 1, 40)
+  single = C.new_context(model, 1, 64)
   single = C.add_text(model, single, rows[0], SPECIALS)
   single = C.add_image(model, single, SPECIALS, vit=img, vae_tokens=(tok, grid))
   row0 = C.take_rows(ctx, [0])
@@ -81,8 +81,7 @@ def test_ragged_rows_equal_single_rows_and_reference(model):
   b = C.make_builder(model, 2, SPECIALS)
   for r in range(2):
     b.text(r, last[r])
-  blk = b.build()
-  _, h_u, _ = C.forward_block(model, ctx, blk, write=False)
+  _, h_u, _ = C.run_block(model, ctx, b, write=False)
   logits = np.asarray(model.logits(h_u))
   patch = int(round((model.vit.embeddings.patch_embedding.kernel.shape[0] // 3) ** 0.5))
   p, vg = C.vit_patches(img, patch)
@@ -107,10 +106,11 @@ def test_capacity_and_input_errors(model):
 
 
 def test_concat_take_pad(model):
-  a = C.add_text(model, C.new_context(model, 1, 16), [10, 11], SPECIALS)
-  b = C.add_text(model, C.new_context(model, 1, 24), [12], SPECIALS)
+  a = C.add_text(model, C.new_context(model, 1, 64), [10, 11], SPECIALS)
+  b = C.pad_capacity(C.add_text(model, C.new_context(model, 1, 64), [12], SPECIALS), 80)
   ab = C.concat_contexts([a, b])
-  assert ab.capacity == 24 and ab.batch_size == 2
+  assert ab.capacity == 80 and ab.batch_size == 2
   assert list(ab.lengths()) == [4, 3]
   back = C.take_rows(ab, [1])
   np.testing.assert_array_equal(np.asarray(back.k), np.asarray(b.k))
+  np.testing.assert_array_equal(np.asarray(C.take_rows(ab, [0]).k)[:, :, :64], np.asarray(a.k))

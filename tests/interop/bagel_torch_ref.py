@@ -7,12 +7,16 @@
   forward is a literal transcription: every token through exactly one expert (index routing),
   one shared attention over the pack with the SPEC section 3 mask, per-expert final norms, the
   lm_head CE and the llm2vae flow-matching MSE.
-- `FluxAE`: black-forest-labs/flux `modules/autoencoder.py` transcribed (NCHW, OIHW).
+
+The FLUX autoencoder reference is the one of tests/model/test_vae.py (`flux_ae` below wraps its
+TEncoder / TDecoder for any VAE config).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import torch
@@ -314,157 +318,18 @@ class BagelRef(nn.Module):
     return ce_weight * ce + mse_weight * mse, ce, mse, hs, preds
 
 
-# ---------------------------------------------------------------------------- FLUX autoencoder
-
-def swish(x):
-  return x * torch.sigmoid(x)
-
-
-class AttnBlock(nn.Module):
-
-  def __init__(self, c, groups, eps):
-    super().__init__()
-    self.norm = nn.GroupNorm(groups, c, eps=eps, affine=True)
-    self.q = nn.Conv2d(c, c, 1)
-    self.k = nn.Conv2d(c, c, 1)
-    self.v = nn.Conv2d(c, c, 1)
-    self.proj_out = nn.Conv2d(c, c, 1)
-
-  def forward(self, x):
-    h = self.norm(x)
-    q, k, v = self.q(h), self.k(h), self.v(h)
-    b, c, hh, ww = q.shape
-    f = lambda t: t.reshape(b, 1, c, hh * ww).transpose(-1, -2)
-    o = F.scaled_dot_product_attention(f(q), f(k), f(v))
-    o = o.transpose(-1, -2).reshape(b, c, hh, ww)
-    return x + self.proj_out(o)
-
-
-class ResnetBlock(nn.Module):
-
-  def __init__(self, cin, cout, groups, eps):
-    super().__init__()
-    self.norm1 = nn.GroupNorm(groups, cin, eps=eps, affine=True)
-    self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-    self.norm2 = nn.GroupNorm(groups, cout, eps=eps, affine=True)
-    self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-    if cin != cout:
-      self.nin_shortcut = nn.Conv2d(cin, cout, 1)
-    self.cin, self.cout = cin, cout
-
-  def forward(self, x):
-    h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
-    if self.cin != self.cout:
-      x = self.nin_shortcut(x)
-    return x + h
-
-
-class Downsample(nn.Module):
-
-  def __init__(self, c):
-    super().__init__()
-    self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-  def forward(self, x):
-    return self.conv(F.pad(x, (0, 1, 0, 1), mode='constant', value=0))
-
-
-class Upsample(nn.Module):
-
-  def __init__(self, c):
-    super().__init__()
-    self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-  def forward(self, x):
-    return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
-
-
-class _Mid(nn.Module):
-
-  def __init__(self, c, g, e):
-    super().__init__()
-    self.block_1 = ResnetBlock(c, c, g, e)
-    self.attn_1 = AttnBlock(c, g, e)
-    self.block_2 = ResnetBlock(c, c, g, e)
-
-  def forward(self, x):
-    return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Encoder(nn.Module):
-
-  def __init__(self, v):
-    super().__init__()
-    ch, mult, g, e = v.base_channels, tuple(v.channel_mult), v.norm_groups, v.norm_eps
-    self.n = len(mult)
-    self.conv_in = nn.Conv2d(v.in_channels, ch, 3, padding=1)
-    in_mult = (1,) + mult
-    self.down = nn.ModuleList()
-    block_in = ch
-    for i in range(self.n):
-      d = nn.Module()
-      d.block = nn.ModuleList()
-      block_in, block_out = ch * in_mult[i], ch * mult[i]
-      for _ in range(v.num_res_blocks):
-        d.block.append(ResnetBlock(block_in, block_out, g, e))
-        block_in = block_out
-      if i != self.n - 1:
-        d.downsample = Downsample(block_in)
-      self.down.append(d)
-    self.mid = _Mid(block_in, g, e)
-    self.norm_out = nn.GroupNorm(g, block_in, eps=e, affine=True)
-    self.conv_out = nn.Conv2d(block_in, 2 * v.z_channels, 3, padding=1)
-
-  def forward(self, x):
-    h = self.conv_in(x)
-    for i, d in enumerate(self.down):
-      for blk in d.block:
-        h = blk(h)
-      if i != self.n - 1:
-        h = d.downsample(h)
-    h = self.mid(h)
-    return self.conv_out(swish(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-
-  def __init__(self, v):
-    super().__init__()
-    ch, mult, g, e = v.base_channels, tuple(v.channel_mult), v.norm_groups, v.norm_eps
-    self.n = len(mult)
-    block_in = ch * mult[-1]
-    self.conv_in = nn.Conv2d(v.z_channels, block_in, 3, padding=1)
-    self.mid = _Mid(block_in, g, e)
-    self.up = nn.ModuleList()
-    for i in reversed(range(self.n)):
-      u = nn.Module()
-      u.block = nn.ModuleList()
-      block_out = ch * mult[i]
-      for _ in range(v.num_res_blocks + 1):
-        u.block.append(ResnetBlock(block_in, block_out, g, e))
-        block_in = block_out
-      if i != 0:
-        u.upsample = Upsample(block_in)
-      self.up.insert(0, u)
-    self.norm_out = nn.GroupNorm(g, block_in, eps=e, affine=True)
-    self.conv_out = nn.Conv2d(block_in, v.in_channels, 3, padding=1)
-
-  def forward(self, z):
-    h = self.mid(self.conv_in(z))
-    for i in reversed(range(self.n)):
-      for blk in self.up[i].block:
-        h = blk(h)
-      if i != 0:
-        h = self.up[i].upsample(h)
-    return self.conv_out(swish(self.norm_out(h)))
-
-
 class FluxAE(nn.Module):
+  """FLUX AutoEncoder (encoder / decoder of tests/model/test_vae.py, the transcription of
+  black-forest-labs/flux modules/autoencoder.py) for a `model.vae` config."""
 
   def __init__(self, v):
     super().__init__()
-    self.encoder = Encoder(v)
-    self.decoder = Decoder(v)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
+    from test_vae import TDecoder, TEncoder
+    assert v.in_channels == 3
+    args = (v.base_channels, tuple(v.channel_mult), v.num_res_blocks, v.z_channels, v.norm_groups)
+    self.encoder = TEncoder(*args)
+    self.decoder = TDecoder(*args)
     self.scale_factor, self.shift_factor, self.z = v.scale_factor, v.shift_factor, v.z_channels
 
   def randomize(self, seed=0):

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
 from packs import build_batch, mixed_samples  # noqa: E402

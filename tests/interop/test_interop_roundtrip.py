@@ -17,10 +17,8 @@ from unimedvl_jax import convert
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import export_state_dict, write_torch_dir
-from unimedvl_jax.interop.import_torch import (ImportReport, derive_config, import_state,
-                                               import_state_dict)
+from unimedvl_jax.interop.import_torch import derive_config, import_state, import_state_dict
 from unimedvl_jax.interop.st_io import DictSource, SafetensorsSource
-from unimedvl_jax.model.unimedvl import UniMedVL
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 OVERRIDES = ['model.llm.num_layers=2', 'model.llm.vocab_size=256', 'model.vit.num_layers=3']
@@ -32,8 +30,7 @@ def tiny_cfg(param_dtype='float32'):
 
 def random_model(cfg, seed=0):
   """UniMedVL with every leaf random (no zero-init / all-ones leaf hides a transpose bug)."""
-  model = nnx.eval_shape(lambda: UniMedVL(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
+  graphdef, state = km.abstract_split(cfg.model)    # abstract: shapes/dtypes only
   rng = np.random.default_rng(seed)
   flat = [(p, v.replace(jax.numpy.asarray(rng.standard_normal(v.shape).astype(v.dtype))))
           for p, v in nnx.to_flat_state(state)]
@@ -113,7 +110,8 @@ def test_bf16_roundtrip_bit_exact_and_dtype_preserved(tmp_path):
   cfg2, report, ignored = derive_config(tiny_cfg(), llm_json, vit_json, src, vae)
   assert cfg2.model.param_dtype == 'bfloat16' and not ignored
   assert cfg2.model.to_dict() == cfg.model.to_dict()
-  graphdef, state = import_state(cfg2, src, vae)
+  from unimedvl_jax import sharding
+  graphdef, state = import_state(cfg2, src, vae, mesh=sharding.make_mesh(cfg2.mesh))
   assert_bit_exact(model, nnx.merge(graphdef, state))
   # --dtype fp32 on export: exact widening
   d32 = tmp_path / 'fp32'
@@ -137,8 +135,13 @@ def test_vit_layer_convention_and_unimedvl_26_case(fp32_setup, tmp_path):
   src = SafetensorsSource(str(d / 'ema.safetensors'))
   vae = SafetensorsSource(str(d / 'ae.safetensors'))
   # the normal convention: no note about the ViT depth
-  _, rep, _ = derive_config(tiny_cfg(), llm_json, vit_json, src, vae)
+  c0, rep, _ = derive_config(tiny_cfg(), llm_json, vit_json, src, vae)
   assert not [x for x in rep.notes if x.startswith('ViT')]
+  # BAGEL's own llm_config.json has no qk_norm / head_dim / MoT fields (set in code)
+  bagel_llm = {k: v for k, v in llm_json.items() if k not in ('qk_norm', 'head_dim', 'layer_module')}
+  c0b, repb, _ = derive_config(tiny_cfg(), bagel_llm, vit_json, src, vae)
+  assert c0b.model.to_dict() == c0.model.to_dict() == cfg.model.to_dict()
+  assert any('qk_norm=True from the weights' in x for x in repb.notes)
   # the UniMedVL release case: JSON says n (PyTorch builds n-1) while the file holds n layers
   vit_json['num_hidden_layers'] = n
   c1, rep1, ign1 = derive_config(tiny_cfg(), llm_json, vit_json, src, vae)
@@ -188,3 +191,22 @@ def test_strict_missing_unexpected_misshaped(fp32_setup):
     import_state(cfg, DictSource(sd), DictSource(ae2))
   # and the untouched dicts import bit exactly
   assert_bit_exact(model, import_state_dict(cfg, sd, ae))
+
+
+def test_cli_import_refuses_a_bad_file_and_lists_the_keys(fp32_setup, tmp_path, capsys):
+  cfg, model = fp32_setup
+  d = tmp_path / 't'
+  write_torch_dir(cfg, model, str(d))
+  sd = safetensors.torch.load_file(str(d / 'ema.safetensors'))
+  gone = 'vit_model.vision_model.encoder.layers.0.self_attn.k_proj.bias'
+  bad = 'time_embedder.mlp.2.weight'
+  del sd[gone]
+  sd[bad] = sd[bad][:, :-1].contiguous()
+  sd['language_model.model.layers.0.self_attn.o_proj.bias'] = sd['llm2vae.bias'].new_zeros(128)
+  safetensors.torch.save_file(sd, str(d / 'ema.safetensors'), metadata={'format': 'pt'})
+  rc = convert.main(['import', '--torch-dir', str(d), '--out', str(tmp_path / 'ck'), '--config', TINY])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert '1 missing, 1 unexpected, 1 mis-shaped' in err
+  assert gone in err and bad in err and 'o_proj.bias' in err
+  assert not (tmp_path / 'ck').exists()

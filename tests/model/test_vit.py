@@ -54,10 +54,19 @@ def hf_model():
 @pytest.fixture(scope='module')
 def jax_model(hf_model):
   assert f'{hf_prefix(hf_model)}encoder.layers.{LAYERS}.mlp.fc1.weight' in hf_model.full_sd
-  tree = from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS)
-  model = SiglipViT(tiny_cfg(), rngs=nnx.Rngs(1))
-  load_pure_dict(model, tree)
+  return loaded_model(hf_model, tiny_cfg())
+
+
+def loaded_model(hf_model, cfg):
+  """A SiglipViT built abstractly (no random init: cheap) and filled with the HF weights."""
+  model = nnx.eval_shape(lambda: SiglipViT(cfg, rngs=nnx.Rngs(1)))
+  load_pure_dict(model, from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS))
   return model
+
+
+@nnx.jit
+def fwd(model, patches, seg, pos):
+  return model(patches, seg, pos)
 
 
 def vision_tower(hf_model):
@@ -128,13 +137,13 @@ def test_full_grid_parity(hf_model, jax_model):
   ref = [hf_forward(hf_model, im) for im in imgs]
   # batch of 2 rows, one image each
   rows = [pack([im], GRID * GRID) for im in imgs]
-  out = jax_model(jnp.asarray(np.stack([r[0] for r in rows])), jnp.asarray(np.stack([r[1] for r in rows])),
+  out = fwd(jax_model, jnp.asarray(np.stack([r[0] for r in rows])), jnp.asarray(np.stack([r[1] for r in rows])),
                   jnp.asarray(np.stack([r[2] for r in rows])))
   for i in range(2):
     np.testing.assert_allclose(np.asarray(out[i]), ref[i], rtol=1e-4, atol=1e-4)
   # both images in ONE row (+ padding): no attention across images
   patches, seg, pos, spans = pack(imgs, 2 * GRID * GRID + 5)
-  out = np.asarray(jax_model(jnp.asarray(patches[None]), jnp.asarray(seg[None]), jnp.asarray(pos[None])))
+  out = np.asarray(fwd(jax_model, jnp.asarray(patches[None]), jnp.asarray(seg[None]), jnp.asarray(pos[None])))
   for (a, b), r in zip(spans, ref):
     np.testing.assert_allclose(out[0, a:b], r, rtol=1e-4, atol=1e-4)
 
@@ -150,7 +159,7 @@ def test_navit_variable_sizes(hf_model, jax_model):
     batch.append(pack(imgs, P))
     refs.append([hf_forward(hf_model, im) for im in imgs])
   patches, seg, pos = (jnp.asarray(np.stack([b[i] for b in batch])) for i in range(3))
-  out = np.asarray(jax_model(patches, seg, pos))
+  out = np.asarray(fwd(jax_model, patches, seg, pos))
   assert out.shape == (2, P, HIDDEN)
   assert np.isfinite(out).all()
   for bi, b in enumerate(batch):
@@ -160,14 +169,14 @@ def test_navit_variable_sizes(hf_model, jax_model):
   seg_np, patches_np = np.asarray(seg), np.asarray(patches).copy()
   patches_np[seg_np == 0] = 7.0
   patches_np[0][seg_np[0] == 2] *= -1
-  out2 = np.asarray(jax_model(jnp.asarray(patches_np), seg, pos))
+  out2 = np.asarray(fwd(jax_model, jnp.asarray(patches_np), seg, pos))
   keep = (seg_np != 0) & ~((np.arange(2)[:, None] == 0) & (seg_np == 2))
   np.testing.assert_allclose(out2[keep], out[keep], rtol=1e-5, atol=1e-5)
 
 
-def _loss_and_grad(cfg, args):
-  """jit(value_and_grad) of a masked sum of squares of the outputs, params from seed 3."""
-  graphdef, state = nnx.split(SiglipViT(cfg, rngs=nnx.Rngs(3)))
+def _loss_and_grad(model, args):
+  """jit(value_and_grad) of a masked sum of squares of the outputs."""
+  graphdef, state = nnx.split(model)
 
   def loss(state):
     y = nnx.merge(graphdef, state)(*args)
@@ -176,14 +185,14 @@ def _loss_and_grad(cfg, args):
   return jax.jit(jax.value_and_grad(loss))(state)
 
 
-def test_grads_and_scan_remat_equivalence():
+def test_grads_and_scan_remat_equivalence(hf_model):
   """Gradients are finite, reach every parameter (and only the used position rows); the python
   loop with full remat gives the same loss and gradients as the plain scan. (Every remat policy
   is checked on a small stack in test_scan.py; each ViT compile costs seconds here.)"""
   rng = np.random.default_rng(4)
   patches, seg, pos, _ = pack([rand_img(rng, 3, 4), rand_img(rng, 2, 2)], 20)
   args = tuple(jnp.asarray(a[None]) for a in (patches, seg, pos))
-  l1, g1 = _loss_and_grad(tiny_cfg(), args)
+  l1, g1 = _loss_and_grad(loaded_model(hf_model, tiny_cfg()), args)
   flat = dict(nnx.to_flat_state(g1))
   for path, v in flat.items():
     a = np.asarray(v[...])
@@ -194,25 +203,24 @@ def test_grads_and_scan_remat_equivalence():
   assert np.abs(pg[used]).sum(axis=-1).min() > 0
   assert np.abs(np.delete(pg, used, axis=0)).max() == 0
 
-  l2, g2 = _loss_and_grad(tiny_cfg(remat='full', scan_layers=False), args)
+  l2, g2 = _loss_and_grad(loaded_model(hf_model, tiny_cfg(remat='full', scan_layers=False)), args)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                nnx.to_pure_dict(g1), nnx.to_pure_dict(g2))
 
 
-def test_bf16_close_to_fp32():
-  m32 = SiglipViT(tiny_cfg(), rngs=nnx.Rngs(7))
-  m16 = SiglipViT(tiny_cfg('bfloat16'), rngs=nnx.Rngs(7))
+def test_bf16_close_to_fp32(hf_model, jax_model):
+  m32 = jax_model
+  m16 = loaded_model(hf_model, tiny_cfg('bfloat16'))
   rng = np.random.default_rng(8)
   patches, seg, pos, _ = pack([rand_img(rng, 3, 3)], 9)
   args = tuple(jnp.asarray(a[None]) for a in (patches, seg, pos))
-  fwd = nnx.jit(lambda m, *a: m(*a))
   y32, y16 = fwd(m32, *args), fwd(m16, *args)
   assert y16.dtype == jnp.bfloat16
   assert float(jnp.max(jnp.abs(y32 - y16.astype(jnp.float32)))) < 0.15
 
 
-def test_param_metadata_and_paths():
+def test_random_init_param_metadata_and_paths():
   model = SiglipViT(tiny_cfg(), rngs=nnx.Rngs(0))
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for path, v in flat.items():
@@ -228,6 +236,26 @@ def test_param_metadata_and_paths():
   # layers are initialised differently
   q = np.asarray(flat[('encoder', 'layers', 'self_attn', 'q_proj', 'kernel')][...])
   assert not np.allclose(q[0], q[1])
+
+
+def test_converter_prefixes_and_errors(hf_model):
+  base = from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS)
+  strip = len(hf_prefix(hf_model))
+  bagel = {'vit_model.vision_model.' + k[strip:]: v for k, v in hf_model.full_sd.items()}
+  bagel['connector.fc1.weight'] = np.zeros((2, 2), np.float32)     # other towers: ignored
+  w = bagel['vit_model.vision_model.embeddings.patch_embedding.weight']
+  bagel['vit_model.vision_model.embeddings.patch_embedding.weight'] = conv_patch_weight_to_linear(w)
+  jax.tree.map(np.testing.assert_array_equal, from_hf_siglip_state_dict(bagel, LAYERS), base)
+  with pytest.raises(KeyError, match=f'encoder.layers.{LAYERS + 1}'):
+    from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS + 2)
+  model = nnx.eval_shape(lambda: SiglipViT(tiny_cfg(), rngs=nnx.Rngs(1)))
+  bad = from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS)
+  bad['encoder']['layers']['extra'] = np.zeros(3)
+  with pytest.raises(KeyError, match='unexpected'):
+    load_pure_dict(model, bad)
+  bad = from_hf_siglip_state_dict(hf_model.full_sd, num_layers=LAYERS - 1)
+  with pytest.raises(ValueError, match='shape'):
+    load_pure_dict(model, bad)
 
 
 def test_missing_key_is_an_error(hf_model):

@@ -238,7 +238,8 @@ def _load_dicom(path: str, frame=None, window=None, modality_hint=None) -> np.nd
     raise ImageError('missing_file', path) from None
   except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
           AttributeError, IndexError) as e:
-    raise ImageError('undecodable_image', path, f'not a readable DICOM file: {type(e).__name__}: {e}') from None
+    raise ImageError('undecodable_image', path,
+                     f'not a readable DICOM file: {type(e).__name__}: {e}') from None
 
   if not any(t in ds for t in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
     raise ImageError('unsupported_dicom', path,
@@ -252,7 +253,8 @@ def _load_dicom(path: str, frame=None, window=None, modality_hint=None) -> np.nd
   try:
     n_frames = int(ds.get('NumberOfFrames', 1) or 1)
   except (TypeError, ValueError):
-    raise ImageError('undecodable_image', path, f'bad NumberOfFrames {ds.get("NumberOfFrames")!r}') from None
+    raise ImageError('undecodable_image', path,
+                     f'bad NumberOfFrames {ds.get("NumberOfFrames")!r}') from None
   if frame is None:
     frame = n_frames // 2
   if not 0 <= frame < n_frames:
@@ -392,7 +394,8 @@ def target_size(h: int, w: int, *, max_size: int, min_size: int, stride: int,
   3. Each side is rounded to the nearest multiple of stride, at least stride.
   4. Hard limits after rounding (rounding may overshoot): a side over max_size drops to the largest
      multiple of stride <= max_size; while the area exceeds max_pixels the longer side drops by one
-     stride. Soft limit: a side below min_size rises by one stride if that breaks no hard limit.
+     stride. Soft limit: a side that rounding (only) took below min_size rises by one stride if
+     that breaks no hard limit.
   Sides never go below stride (so max_size < stride yields stride).
   """
   if h <= 0 or w <= 0:
@@ -426,9 +429,10 @@ def target_size(h: int, w: int, *, max_size: int, min_size: int, stride: int,
   def ok(a: int, b: int) -> bool:
     return a <= cap and b <= cap and (not max_pixels or a * b <= max_pixels)
 
-  if h2 < min_size and ok(h2 + stride, w2) and h2 + stride <= max(cap, min_size):
+  # Rounding (not the long-side limit) took a side below min_size: one stride up if allowed.
+  if h2 < min_size <= h * s + 1e-9 and ok(h2 + stride, w2):
     h2 += stride
-  if w2 < min_size and ok(h2, w2 + stride) and w2 + stride <= max(cap, min_size):
+  if w2 < min_size <= w * s + 1e-9 and ok(h2, w2 + stride):
     w2 += stride
   return h2, w2
 
@@ -484,4 +488,5 @@ def vit_patchify(img: np.ndarray, patch: int) -> tuple[np.ndarray, int, int]:
 def save_png(img: np.ndarray, path: PathLike) -> None:
   """Writes uint8 [H, W, 3] or [H, W] as a PNG with deterministic bytes (no metadata)."""
   img = np.asarray(img, np.uint8)
-  Image.fromarray(np.ascontiguousarray(img)).save(os.fspath(path), format='PNG', optimize=False, compress_level=6)
+  Image.fromarray(np.ascontiguousarray(img)).save(os.fspath(path), format='PNG', optimize=False,
+                                                   compress_level=6)

@@ -56,7 +56,7 @@ def data_root(cfg) -> str:
   if cfg.data.root:
     return os.path.abspath(os.path.expanduser(cfg.data.root))
   from unimedvl_jax.data import synthetic
-  for fn in ('default_dir', 'ensure_dataset', 'default_root'):
+  for fn in ('ensure_dataset', 'default_root'):
     if hasattr(synthetic, fn):
       return os.path.abspath(getattr(synthetic, fn)())
   raise DataError('config.data.root is empty and data/synthetic.py offers no default dataset; '
@@ -148,7 +148,12 @@ def resolve_groups(cfg, stage: str | None = None, split: str = 'train', root: st
               for n in list(mix) + [m for m in mand if m not in mix]}
     sd = st.get('data', None)
     if sd is not None:
-      for i, k in enumerate(('cfg_dropout_text', 'cfg_dropout_vit', 'cfg_dropout_vae')):
+      names = ('cfg_dropout_text', 'cfg_dropout_vit', 'cfg_dropout_vae')
+      bad = sorted(set(sd.keys()) - set(names))
+      if bad:
+        raise DataError(f'curriculum.{stage}.data: {bad} cannot change per stage (pack budgets '
+                        f'are static); allowed: {list(names)}')
+      for i, k in enumerate(names):
         if k in sd:
           dropout[i] = float(sd[k])
   else:
@@ -227,6 +232,33 @@ class SampleProcessor:
 
 def _seed_words(*xs) -> list[int]:
   return [int(x) & 0xFFFFFFFF for x in xs]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+  """splitmix64's finalizer."""
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+  return z ^ (z >> 31)
+
+
+class CounterRng:
+  """A counter-based generator keyed by integers: `random()` -> floats in [0, 1) (splitmix64).
+  Stateless per key, so a sample's draws depend only on (seed, group, index), and ~50x cheaper
+  to create than a numpy Generator."""
+  __slots__ = ('_key', '_i')
+
+  def __init__(self, *words: int):
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+      h = _mix64((h ^ (int(w) & _M64)) + 0x9E3779B97F4A7C15 & _M64)
+    self._key, self._i = h, 0
+
+  def random(self) -> float:
+    self._i += 1
+    return (_mix64((self._key + self._i * 0x9E3779B97F4A7C15) & _M64) >> 11) * (1.0 / (1 << 53))
 
 
 def _name_hash(s: str | None) -> int:
@@ -325,7 +357,7 @@ class PackIterator(grain.DatasetIterator):
     return self._groups[g][idx], idx
 
   def _tokenize(self, good: Good, g: int, idx: int) -> TokenSample:
-    rng = np.random.default_rng(_seed_words(*self._ds.seed_words, 2, g, idx))
+    rng = CounterRng(*self._ds.seed_words, 2, g, idx)
     return tokenize(good.items, self._ds.specials, self._ds.geom, rng, self._ds.dropout,
                     loc=good.loc, group=self._ds.names[g])
 
@@ -365,8 +397,7 @@ class PackIterator(grain.DatasetIterator):
       return packing.Entry((g, k), s, g)
 
   def _draw(self) -> packing.Entry:
-    rng = np.random.default_rng(_seed_words(*self._ds.seed_words, 1, self._ds.slice_start,
-                                            self._draws))
+    rng = CounterRng(*self._ds.seed_words, 1, self._ds.slice_start, self._draws)
     self._draws += 1
     g = int(np.searchsorted(self._ds.cum_weights, rng.random(), side='right'))
     return self._draw_from(min(g, len(self._groups) - 1))

@@ -212,8 +212,9 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
       try:
         cache[ref] = imlib.load_image(ref.path, **ref.load_kwargs())
       except imlib.ImageError as e:
+        msg = str(e)
         raise SampleError(e.reason, sample.file, sample.line,
-                          f'{getattr(e, "path", ref.path)}: {e}') from None
+                          msg if ref.path in msg else f'{ref.path}: {msg}') from None
       except (OSError, ValueError, MemoryError) as e:   # a reader failing in an unexpected way
         raise SampleError('undecodable_image', sample.file, sample.line,
                           f'{ref.path}: {type(e).__name__}: {e}') from None

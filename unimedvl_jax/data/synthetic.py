@@ -2,8 +2,9 @@
 
     python -m unimedvl_jax.data.synthetic --out DIR [--seed 0] [--size 64] [--n-subjects 2400]
 
-writes, deterministically (same bytes for the same arguments; ~15 s on 2 CPU cores for the
-default), a dataset in the UniMed-5M JSONL format (SPEC section 6):
+writes, deterministically (same bytes for the same arguments), a dataset in the UniMed-5M JSONL
+format (SPEC section 6). The default (2400 subjects, 64 px: 12.6K train / 0.7K val / 1.2K test
+samples, 67 MB) takes ~16 s of CPU time; the cost grows with size^2 (256 px: ~10x). Layout:
 
     DIR/manifest.json                 counts per split / group / task, generator version, seed, ...
     DIR/tokenizer.model               SentencePiece model trained on all the text (vocab <= 1000)
@@ -121,7 +122,7 @@ REAL_FILES = (
 
 DICOM_MODALITY = {
     'CT': ('ct', 'computed tomography (CT)'),
-    'MR': ('mri', 'magnetic resonance imaging (MRI)'),
+    'MR': ('mri', 'magnetic resonance (MR)'),
     'CR': ('x-ray', 'computed radiography (CR) X-ray'),
     'DX': ('x-ray', 'digital radiography (DX) X-ray'),
     'US': ('ultrasound', 'ultrasound (US)'),
@@ -178,9 +179,9 @@ def make_anatomy(rng: np.random.Generator, family: str, S: int) -> dict:
   H&E / IHC renderings of one subject show the same anatomy)."""
   u = lambda a, b: float(rng.uniform(a, b))
   if family == 'brain':
-    return dict(head=(0.5 * S + u(-0.5, 0.5), 0.5 * S + u(-0.5, 0.5), S * u(0.455, 0.47),
-                      S * u(0.43, 0.45)),
-                scalp=S * u(0.04, 0.05), wm=S * u(0.07, 0.09),
+    return dict(head=(0.5 * S - 0.5 + u(-0.3, 0.3), 0.5 * S - 0.5 + u(-0.3, 0.3),
+                      S * u(0.475, 0.485), S * u(0.465, 0.475)),
+                scalp=S * u(0.035, 0.042), wm=S * u(0.07, 0.09),
                 vent=(S * u(0.08, 0.1), S * u(0.03, 0.04), S * u(0.05, 0.065)),
                 tex=int(rng.integers(1 << 30)))
   if family == 'tissue':
@@ -190,8 +191,17 @@ def make_anatomy(rng: np.random.Generator, family: str, S: int) -> dict:
     gy = gy + rng.uniform(-0.15, 0.15, gy.shape) * sp + (np.arange(n)[None, :] % 2) * sp / 2
     gx = gx + rng.uniform(-0.15, 0.15, gx.shape) * sp
     keep = rng.uniform(size=gy.shape) < 0.8
-    return dict(nuclei=np.stack([gy[keep], gx[keep]], -1), nr=S * u(0.017, 0.02),
-                tex=int(rng.integers(1 << 30)))
+    nr = S * u(0.017, 0.02)
+    nm = np.zeros((S, S), bool)
+    k = int(np.ceil(nr)) + 1
+    for ny, nx in zip(gy[keep], gx[keep]):
+      r0, r1 = max(0, int(ny) - k), min(S, int(ny) + k + 1)
+      c0, c1 = max(0, int(nx) - k), min(S, int(nx) + k + 1)
+      if r0 >= r1 or c0 >= c1:
+        continue
+      ly, lx = np.mgrid[r0:r1, c0:c1]
+      nm[r0:r1, c0:c1] |= ((ly - ny) ** 2 + (lx - nx) ** 2) <= nr * nr
+    return dict(nuclei_mask=nm, tex=int(rng.integers(1 << 30)))
   if family == 'ct':
     return dict(body=(S * u(0.39, 0.41), S * u(0.465, 0.48)), liver=S * u(0.15, 0.17),
                 tex=int(rng.integers(1 << 30)))
@@ -226,7 +236,8 @@ def render(modality: str, anatomy: dict, findings: list[dict], S: int, noise_see
     brain = _ell(yy, xx, cy, cx, hy - sc, hx - sc)
     wm = _ell(yy, xx, cy, cx, hy - sc - anatomy['wm'], hx - sc - anatomy['wm'])
     vry, vrx, voff = anatomy['vent']
-    vent = _ell(yy, xx, cy - 0.02 * S, cx - voff, vry, vrx) | _ell(yy, xx, cy - 0.02 * S, cx + voff, vry, vrx)
+    vy = cy - 0.02 * S
+    vent = _ell(yy, xx, vy, cx - voff, vry, vrx) | _ell(yy, xx, vy, cx + voff, vry, vrx)
     t1 = modality == 'mri_t1'
     vals = (165, 110, 135, 65) if t1 else (115, 120, 90, 175)
     grey = np.zeros((S, S))
@@ -316,7 +327,7 @@ def render(modality: str, anatomy: dict, findings: list[dict], S: int, noise_see
     rgb[mac] = rgb[mac] * 0.8
     ox = (0.8 if anatomy['disc_side'] else 0.2) * S
     for a, b in anatomy['vessels']:   # vessels: arcs leaving the optic disc
-      curve = c + (0.25 + 0.12 * a) * S * np.sign(b) * (np.abs(xx - ox) / S) ** 0.8
+      curve = c + (0.5 + 0.15 * a) * S * np.sign(b) * (np.abs(xx - ox) / S) ** 0.5
       ves = (np.abs(yy - curve) < 0.6 * S / 64) & disc
       rgb[ves] = (130.0, 30.0, 20.0)
     od = _ell(yy, xx, c, ox, 0.075 * S, 0.075 * S)
@@ -332,11 +343,7 @@ def render(modality: str, anatomy: dict, findings: list[dict], S: int, noise_see
     rgb = np.empty((S, S, 3))
     for k in range(3):
       rgb[..., k] = base[k] + tex * (1.0 if k != 1 else 1.3)
-    nr = anatomy['nr']
-    nm = np.zeros((S, S), bool)
-    for (ny, nx) in anatomy['nuclei']:
-      nm |= ((yy - ny) ** 2 + (xx - nx) ** 2) <= nr * nr
-    rgb[nm] = nuc
+    rgb[anatomy['nuclei_mask']] = nuc
     rgb = rgb + nrng.normal(0, 3.0, (S, S, 3))
     lesion_rgb, lesion_sd = ((80.0, 30.0, 120.0) if he else (150.0, 88.0, 45.0)), 5.0
   else:
@@ -401,13 +408,26 @@ def report_text(modality: str, findings: list[dict]) -> str:
   return 'Findings: ' + ' '.join(sents) + ' Impression: ' + imp
 
 
+# Fraction of subjects without lesions: counts are uniform over 0..3, except counterfactual
+# subjects (a third of the 6 modalities without a dedicated edit task) with 1..3.
+P_NO_LESION = 0.25 * (1.0 - (6 / 8) / 3)
+
+
 def _vqa(rng, modality: str, findings: list[dict], closed: bool) -> tuple[str, str, str]:
   """(question kind, question, answer)."""
   _, phrase, _, _, _ = MODALITY_INFO[modality]
   locs = {f['location'] for f in findings}
   n = len(findings)
   if closed:
-    kind = ('lesion_in_quadrant', 'any_lesion', 'modality_check')[int(rng.integers(3))]
+    # Kind probabilities depend on the lesion count so that every kind is balanced yes / no:
+    # P(any_lesion | n = 0) P(n = 0) = P(any_lesion | n > 0) P(n > 0).
+    if n == 0:
+      probs = (0.0, 0.6, 0.4)
+    else:
+      p_any = 0.6 * P_NO_LESION / (1.0 - P_NO_LESION)
+      probs = (0.6 - p_any, p_any, 0.4)
+    kind = ('lesion_in_quadrant', 'any_lesion', 'modality_check')[
+        int(rng.choice(3, p=np.asarray(probs) / sum(probs)))]
     if kind == 'lesion_in_quadrant':
       want_yes = bool(locs) and rng.uniform() < 0.5
       pool = sorted(locs) if want_yes else [l for l in LOCATIONS if l not in locs]
@@ -548,18 +568,21 @@ def _img_entry(rel: str, h: int, w: int) -> dict:
 
 def _save(img: np.ndarray, root: str, rel: str) -> None:
   Image.fromarray(np.ascontiguousarray(img)).save(os.path.join(root, rel), format='PNG',
-                                                   compress_level=6)
+                                                   compress_level=1)
 
 
 def _subject(seed: int, index: int, size: int) -> dict:
   rng = _rng(seed, index, 1)
-  modality = MODALITIES[int(rng.integers(len(MODALITIES)))]
+  # Modalities cycle in a seed-dependent order, so any 8 consecutive subjects cover all of them
+  # (and every edit task shows up in small datasets too).
+  order = _rng(seed, 0).permutation(len(MODALITIES))
+  modality = MODALITIES[int(order[index % len(MODALITIES)])]
   if modality == 'mri_t1':
     task = 'modality_translation'
   elif modality == 'histology_he':
     task = 'virtual_staining'
   else:
-    task = ('segmentation', 'super_resolution', 'counterfactual')[int(rng.integers(3))]
+    task = ('segmentation', 'super_resolution', 'counterfactual')[(index // 8 + index % 8) % 3]
   n = int(rng.integers(1, 4)) if task == 'counterfactual' else int(rng.integers(0, 4))
   findings = make_findings(rng, n, size)
   anatomy = make_anatomy(_rng(seed, index, 2), FAMILY[modality], size)
@@ -798,14 +821,28 @@ def _manifest_matches(out_dir: str, **kw) -> bool:
   return m.get('version') == GENERATOR_VERSION and all(m.get(k) == v for k, v in kw.items())
 
 
+def _is_synthetic(out_dir: str) -> bool:
+  try:
+    with open(os.path.join(out_dir, 'manifest.json'), encoding='utf-8') as f:
+      return json.load(f).get('generator') == 'unimedvl_jax.data.synthetic'
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def ensure_dataset(out_dir: Optional[str] = None, seed: int = 0, size: int = 64,
                    n_subjects: int = 2400, include_real: bool = True) -> str:
   """Returns a directory holding the dataset for these arguments, generating it if needed
-  (into a temporary sibling, then renamed, so concurrent callers never see half a dataset)."""
+  (into a temporary sibling, then renamed, so concurrent callers never see half a dataset). An
+  older synthetic dataset there (other arguments or version) is replaced; any other non-empty
+  directory is an error."""
   out_dir = os.path.abspath(out_dir or default_root(seed, size))
   kw = dict(seed=seed, image_size=size, n_subjects=n_subjects, include_real=include_real)
   if _manifest_matches(out_dir, **kw):
     return out_dir
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_synthetic(out_dir):
+    raise FileExistsError(f'{out_dir} exists and does not hold an embedded synthetic dataset '
+                          '(no manifest.json written by unimedvl_jax.data.synthetic); refusing '
+                          'to replace it')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.tmp-synthetic-', dir=parent)

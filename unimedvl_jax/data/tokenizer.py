@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface: a SentencePiece model (the embedded dataset's) or a Qwen2 tokenizer.json.
+"""Tokenizers behind one interface: SentencePiece (the embedded dataset's) or a Qwen2 tokenizer.json.
 
 `Tokenizer` interface:
   encode(text) -> list[int]    no special tokens added (special-token strings written in the text
@@ -126,7 +126,8 @@ class HFTokenizer(Tokenizer):
     try:
       self._tok = _HFTok.from_file(self.path)
     except Exception as e:  # noqa: BLE001  (tokenizers raises Exception subclasses from Rust)
-      raise TokenizerError(f'corrupt tokenizer.json {self.path}: {type(e).__name__}: {str(e)[:300]}') from None
+      raise TokenizerError(f'corrupt tokenizer.json {self.path}: {type(e).__name__}: '
+                           f'{str(e)[:300]}') from None
     ids = {}
     for tok in SPECIAL_TOKENS:
       i = self._tok.token_to_id(tok)
@@ -173,7 +174,8 @@ def train_sentencepiece(lines: Iterable[str], out_prefix: str | os.PathLike, voc
 
   Deterministic for the same lines, vocab_size and seed (one thread, no sampling of the input;
   the written bytes do not depend on out_prefix). The four markers are user-defined symbols
-  (ids 2..5), pad id 0, unk id 1, no BOS/EOS, byte fallback (any UTF-8 text encodes).
+  (ids 2..5), pad id 0, unk id 1, no BOS/EOS, byte fallback (any UTF-8 text encodes), no
+  normalization (decode(encode(text)) == text, whitespace and newlines included).
   `vocab_size` is an upper bound: a corpus too small for it gives a smaller vocabulary.
   """
   import sentencepiece as spm
@@ -191,6 +193,8 @@ def train_sentencepiece(lines: Iterable[str], out_prefix: str | os.PathLike, voc
       hard_vocab_limit=False,
       character_coverage=1.0,
       byte_fallback=True,
+      normalization_rule_name='identity',   # lossless: decode(encode(t)) == t, newlines too
+      remove_extra_whitespaces=False,
       user_defined_symbols=list(SPECIAL_TOKENS),
       pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
       pad_piece='<pad>', unk_piece='<unk>',

@@ -35,11 +35,11 @@ MODALITIES = ('ct', 'mri_t1', 'mri_t2', 'xray', 'fundus', 'histology_he', 'histo
               'ultrasound')
 MASK = 'mask'   # a segmentation-mask image (white lesions on black)
 
-# Lesion geometry as fractions of the image side (64 px: small r 5.4-6.1, large r 8.3-9.0).
-RADIUS_RANGE = {'small': (0.085, 0.095), 'large': (0.130, 0.140)}
+# Lesion geometry as fractions of the image side (64 px: small r 5.4-6.1, large r 8.0-8.6).
+RADIUS_RANGE = {'small': (0.085, 0.095), 'large': (0.125, 0.135)}
 OVAL_AXES = (0.80, 1.25)   # (ry, rx) multipliers of the radius: ovals are wide
 QUADRANT_MARGIN = 0.03     # gap kept between a lesion and its quadrant's inner edges
-CENTER_JITTER = 0.04       # lesions sit within this distance from the inner edges' limit
+CENTER_JITTER = 0.025      # lesions sit within this distance from the inner edges' limit
 
 # Detection: (rule, minimum area as a fraction of the smallest lesion's area).
 DETECTION_RULES = {
@@ -57,6 +57,9 @@ DETECTION_RULES = {
     MASK: 'grey > 127',
 }
 MIN_AREA_FRACTION = 0.35
+# A component larger than this many times the largest lesion is not a lesion (e.g. a blank white
+# image, a wrong palette): it is reported with plausible=False and fails check_generated.
+MAX_AREA_FACTOR = 2.0
 
 
 def quadrant_of(r: float, c: float, size: int) -> str:
@@ -145,9 +148,10 @@ def candidate_mask(img: np.ndarray, modality: str) -> np.ndarray:
 def detect_lesions(img: np.ndarray, modality: str) -> list[dict]:
   """Lesions found in img (uint8 [H, W, 3] or [H, W]) by the modality's rule.
 
-  Returns [{'center': (r, c), 'radius': equivalent-disk radius, 'area': pixels,
-  'location': quadrant, 'size': 'small'|'large'}] sorted by location, ignoring components smaller
-  than MIN_AREA_FRACTION of the smallest possible lesion.
+  Returns [{'center': (r, c), 'radius': equivalent-disk radius, 'area': pixels, 'plausible':
+  area <= MAX_AREA_FACTOR x the largest lesion, 'location': quadrant of the centroid, 'size':
+  'small'|'large'}] sorted by location, ignoring components smaller than MIN_AREA_FRACTION of the
+  smallest possible lesion.
   """
   from scipy import ndimage
   img = np.asarray(img)
@@ -166,16 +170,85 @@ def detect_lesions(img: np.ndarray, modality: str) -> list[dict]:
   idx = np.arange(1, n + 1)
   areas = ndimage.sum_labels(np.ones_like(lab), lab, idx)
   centers = ndimage.center_of_mass(m, lab, idx)
+  max_area = MAX_AREA_FACTOR * np.pi * (RADIUS_RANGE['large'][1] * side) ** 2
   out = []
   for a, (cr, cc) in zip(areas, centers):
     if a < min_area:
       continue
     out.append(dict(center=(float(cr), float(cc)), radius=float(np.sqrt(a / np.pi)),
-                    area=int(a),
+                    area=int(a), plausible=bool(a <= max_area),
                     location=f'{"upper" if cr < H / 2 else "lower"} {"left" if cc < W / 2 else "right"}',
                     size='large' if a >= size_cut else 'small'))
   out.sort(key=lambda d: (LOCATIONS.index(d['location']), -d['area']))
   return out
+
+
+def _modality_features(img: np.ndarray) -> np.ndarray:
+  from PIL import Image
+  img = np.asarray(img, np.uint8)
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  x = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR), np.float64) / 255.0
+  g = x.mean(-1)
+  thumb = g.reshape(8, 4, 8, 4).mean((1, 3)).ravel()
+  hist = np.histogram(g, bins=16, range=(0.0, 1.0))[0] / g.size
+  chroma = (x - g[..., None]).reshape(-1, 3)
+  return np.concatenate([thumb, 4.0 * np.sqrt(hist), 2.0 * x.reshape(-1, 3).mean(0),
+                         4.0 * np.abs(chroma).mean(0)])
+
+
+def _hf_energy(img: np.ndarray) -> float:
+  """Mean absolute difference of horizontally / vertically adjacent grey pixels (at 64 px)."""
+  from PIL import Image
+  g = np.asarray(Image.fromarray(np.asarray(img, np.uint8)).convert('L').resize((64, 64),
+                                                                                Image.BILINEAR),
+                 np.float64)
+  return float(0.5 * (np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()))
+
+
+_CENTROIDS: dict[str, tuple[np.ndarray, float]] = {}
+_HF_MAX: list[float] = []
+REJECT_FACTOR = 1.75  # farther than this x the reference spread from every centroid: 'unknown'
+MIN_STD = 8.0         # a (near-)constant image is 'unknown'
+HF_FACTOR = 2.0       # more high-frequency energy than this x any reference: 'unknown' (noise)
+
+
+def _centroids() -> dict[str, tuple[np.ndarray, float]]:
+  """modality -> (mean features, reference spread) over reference renderings (computed once,
+  deterministic; the spread is the largest distance of a reference image to its centroid)."""
+  if not _CENTROIDS:
+    from unimedvl_jax.data import synthetic
+    feats: dict[str, list] = {m: [] for m in MODALITIES}
+    i = 0
+    while min(len(v) for v in feats.values()) < 16 and i < 2000:
+      sub = synthetic._subject(12345, i, 64)
+      img = synthetic._draw(sub, 64, with_lesions=(i // len(MODALITIES)) % 2 == 1)
+      feats[sub['modality']].append(_modality_features(img))
+      _HF_MAX.append(_hf_energy(img))
+      i += 1
+    _HF_MAX[:] = [max(_HF_MAX)]
+    for m, v in feats.items():
+      c = np.mean(v, axis=0)
+      spread = max(float(np.sqrt(((x - c) ** 2).sum())) for x in v)
+      _CENTROIDS[m] = (c, spread)
+  return _CENTROIDS
+
+
+def classify_modality(img: np.ndarray) -> str:
+  """The synthetic modality style an image looks like (nearest centroid of simple features: an
+  8x8 grey thumbnail, a grey histogram, mean colour, colourfulness), or 'unknown' for a
+  (near-)constant image, an image noisier than any reference, or one far from every style. For
+  checking generated images."""
+  img = np.asarray(img, np.uint8)
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  cents = _centroids()
+  if img.astype(np.float64).std() < MIN_STD or _hf_energy(img) > HF_FACTOR * _HF_MAX[0]:
+    return 'unknown'
+  f = _modality_features(img)
+  dist = {m: float(np.sqrt(((c - f) ** 2).sum())) for m, (c, _) in cents.items()}
+  best = min(MODALITIES, key=lambda m: dist[m])
+  return best if dist[best] <= REJECT_FACTOR * cents[best][1] else 'unknown'
 
 
 def check_generated(img: np.ndarray, meta: Mapping, modality: str | None = None) -> dict:
@@ -183,9 +256,16 @@ def check_generated(img: np.ndarray, meta: Mapping, modality: str | None = None)
 
   Modality: `modality`, else meta's target_modality, else its modality. Findings:
   meta['target_findings'] if present, else meta['findings'].
-  Returns dict(present_ok, count_ok, location_ok, size_ok, all_ok, detected=[...],
-  expected=[...]). location_ok: the set of quadrants with a detected lesion equals the expected
-  set (and counts match); size_ok: additionally each quadrant's size class matches.
+  Returns dict(present_ok, count_ok, location_ok, size_ok, all_ok, modality_ok,
+  predicted_modality, detected=[...], expected=[...]):
+    present_ok   any lesion detected iff any expected
+    count_ok     as many lesions detected as expected
+    location_ok  counts match, the detected quadrants are the expected ones and every detected
+                 component is lesion-sized (a blank white image is one huge implausible component)
+    size_ok      location_ok and each quadrant's size class (small / large) matches
+    all_ok       present_ok and count_ok and location_ok
+    modality_ok  the image looks like the target modality (`classify_modality`; for a mask: a
+                 two-level image); not part of all_ok
   """
   mod = modality or target_modality(meta)
   expected = target_findings(meta)
@@ -194,11 +274,17 @@ def check_generated(img: np.ndarray, meta: Mapping, modality: str | None = None)
   det_loc = sorted(d['location'] for d in det)
   present_ok = (len(det) > 0) == (len(expected) > 0)
   count_ok = len(det) == len(expected)
-  location_ok = count_ok and det_loc == exp_loc
+  location_ok = count_ok and det_loc == exp_loc and all(d['plausible'] for d in det)
   size_ok = location_ok and all(
       {d['location']: d['size'] for d in det}[f['location']] == f['size'] for f in expected)
+  if mod in MODALITIES:
+    predicted = classify_modality(img)
+    modality_ok = predicted == mod
+  else:   # a mask: white lesions on black
+    predicted, modality_ok = mod, bool(np.asarray(img).std() < 127.6)
   return dict(present_ok=bool(present_ok), count_ok=bool(count_ok), location_ok=bool(location_ok),
               size_ok=bool(size_ok), all_ok=bool(present_ok and count_ok and location_ok),
+              modality_ok=bool(modality_ok), predicted_modality=predicted,
               detected=det, expected=[dict(location=f['location'], size=f['size'],
                                            shape=f['shape']) for f in expected])
 
@@ -245,12 +331,14 @@ def findings_from_meta(meta: Mapping, *, target: bool = False) -> set[str]:
 _LESION_RE = re.compile(
     r'\b(?:(small|large)\s+)?(?:(round|oval)\s+)?(?:[\w&-]+\s+)?lesion\s+in\s+the\s+'
     r'(upper|lower)\s+(left|right)\b')
-_COUNT_RE = re.compile(r'\b(one|two|three|four)\s+lesions?\b')
+_COUNT_RE = re.compile(r'\b(one|two|three|four)\s+(?:[\w&-]+\s+)?lesions?\b')
 _NONE_RE = re.compile(r'\bno\s+(?:focal\s+)?lesions?\b|\bno lesion\b')
 
 
 def findings_from_text(text: str) -> set[str]:
-  """Canonical phrases found in a report written in the generator's template language."""
+  """Canonical phrases found in a text written in the generator's template language (reports,
+  captions, prompts). Without an explicit count ("two lesions") the count phrase is the number of
+  distinct lesion locations mentioned."""
   t = ' '.join(text.lower().split())
   out: set[str] = set()
   for size, shape, ud, lr in _LESION_RE.findall(t):
@@ -260,8 +348,13 @@ def findings_from_text(text: str) -> set[str]:
       out.add(f'{size} lesion {loc}')
     if shape:
       out.add(f'{shape} lesion {loc}')
-  for w in _COUNT_RE.findall(t):
+  counts = _COUNT_RE.findall(t)
+  for w in counts:
     out.add(f'{w} lesion{"s" if w != "one" else ""}')
+  locs = {p[len('lesion '):] for p in out if p.startswith('lesion ')}
+  if not counts and 1 <= len(locs) < len(COUNT_WORDS):   # no count word: count the locations
+    n = len(locs)
+    out.add(f'{COUNT_WORDS[n]} lesion{"s" if n > 1 else ""}')
   if _NONE_RE.search(t) and not any(p.startswith('lesion ') for p in out):
     out.add('no lesion')
   return out

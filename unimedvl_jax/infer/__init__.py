@@ -1,0 +1,14 @@
+"""Inference: KV-cache contexts, text decoding, the flow sampler with CFG, tasks and the CLI.
+
+    context.py   Context (batched KV cache + packed-sequence metadata), BlockBuilder, add_text,
+                 add_image, prefill, run_block, concat_contexts / take_rows (CFG contexts)
+    text.py      generate_text (jitted while-loop decode; greedy / temperature + top-p)
+    image.py     generate_latents / generate_images (Euler flow sampler, three-context CFG,
+                 renorm global / channel / text_channel), decode_latents, cfg_combine
+    runner.py    Program / Runner / run_programs: prompt items + generation steps, batched
+    tasks.py     vqa, report, image_to_text, text_to_image (think mode), edit (segmentation,
+                 super-resolution, modality translation, staining, counterfactual)
+    loading.py   checkpoint + tokenizer loading with clear errors
+    cli.py       `python -m unimedvl_jax.infer vqa|report|generate|edit --checkpoint DIR ...`
+    random_init.py  random_model: a random UniMedVL built without compiling (tests, benchmarks)
+"""

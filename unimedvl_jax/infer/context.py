@@ -146,6 +146,9 @@ class Block:
   split_adv: jax.Array     # [B] split counter advance
 
 
+MIN_BUCKET = 16   # smallest bucketed block size (fewer distinct shapes -> fewer compilations)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
   """Next power of two >= max(n, minimum) (0 stays 0)."""
   if n <= 0:
@@ -280,8 +283,7 @@ class BlockBuilder:
     """The block with bucketed (or the given (nU, nG, P)) static sizes."""
     nU, nG, P = self.counts()
     if sizes is None:
-      nU, nG, P = bucket(nU, 1), bucket(nG, 8), bucket(P, 8)
-      nU = max(nU, 1)
+      nU, nG, P = max(bucket(nU, MIN_BUCKET), 1), bucket(nG, MIN_BUCKET), bucket(P, MIN_BUCKET)
     else:
       if sizes[0] < nU or sizes[1] < nG or sizes[2] < P:
         raise ContextError(f'block needs sizes {(nU, nG, P)}, got {sizes}')
@@ -474,6 +476,23 @@ def _prefill_jit(graphdef, state, ctx, blk):
   return ctx
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_jit(graphdef, state, ctx, blk, write):
+  model = nnx.merge(graphdef, state)
+  return forward_block(model, ctx, blk, write=write)
+
+
+def run_block(model, ctx: Context, block, *, write: bool = False):
+  """Jitted `forward_block` on a `Block` or a `BlockBuilder` (built with bucketed sizes).
+  Returns (context, h_u, h_g); with write=False the context is unchanged."""
+  if isinstance(block, BlockBuilder):
+    if write:
+      check_capacity(ctx, [len(r.kind) for r in block.rows])
+    block = block.build()
+  graphdef, state = nnx.split(model)
+  return _forward_jit(graphdef, state, ctx, block, bool(write))
+
+
 def check_capacity(ctx: Context, need) -> None:
   lengths = ctx.lengths()
   need = np.broadcast_to(np.asarray(need), lengths.shape)
@@ -524,7 +543,7 @@ def make_builder(model, batch_size: int, specials: Specials) -> BlockBuilder:
 def _per_row(x, B, what):
   if x is None:
     return [None] * B
-  if isinstance(x, (list, tuple)):
+  if isinstance(x, list):   # a list is one entry per row; anything else is one row's entry
     if len(x) != B:
       raise ContextError(f'{what}: {len(x)} entries for a batch of {B} rows')
     return list(x)

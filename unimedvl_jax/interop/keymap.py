@@ -231,15 +231,33 @@ def entries_from_state(state) -> list[Entry]:
 def abstract_model(cfg_model):
   """UniMedVL built abstractly (nnx.eval_shape: shapes and dtypes, nothing allocated)."""
   from flax import nnx
+  graphdef, state = abstract_split(cfg_model)
+  return nnx.merge(graphdef, state)
+
+
+_ABSTRACT_CACHE: dict = {}
+
+
+def abstract_split(cfg_model):
+  """(graphdef, abstract nnx.State) of UniMedVL(cfg_model); cached per model config (building
+  the abstract model costs seconds). Callers must not mutate the returned state's Variables."""
+  from flax import nnx
   from unimedvl_jax.model.unimedvl import UniMedVL
-  return nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0)))
+  key = cfg_model.to_json(sort_keys=True) if hasattr(cfg_model, 'to_json') else None
+  if key is not None and key in _ABSTRACT_CACHE:
+    return _ABSTRACT_CACHE[key]
+  out = nnx.split(nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0))))
+  if key is not None:
+    if len(_ABSTRACT_CACHE) > 8:
+      _ABSTRACT_CACHE.clear()
+    _ABSTRACT_CACHE[key] = out
+  return out
 
 
 def model_entries(cfg) -> list[Entry]:
   """Entries of the model described by `cfg` (a full config or its `model` section)."""
-  from flax import nnx
   cfg_model = cfg.model if 'model' in cfg else cfg
-  return entries_from_state(nnx.state(abstract_model(cfg_model)))
+  return entries_from_state(abstract_split(cfg_model)[1])
 
 
 def expected_keys_from_entries(entries: Iterable[Entry], file: str = MODEL_FILE) -> dict[str, tuple]:

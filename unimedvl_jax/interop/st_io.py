@@ -27,6 +27,13 @@ _ST_DTYPES = {
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+def np_dtype(name_or_dtype) -> np.dtype:
+  """'float32' / 'bfloat16' / numpy or jax dtype -> numpy dtype (bfloat16 via ml_dtypes)."""
+  if isinstance(name_or_dtype, str) and name_or_dtype == 'bfloat16':
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name_or_dtype)
+
+
 def st_dtype(dtype) -> str:
   dt = np.dtype(dtype)
   if dt not in _ST_DTYPES:

@@ -25,6 +25,7 @@ Cost: O(T) reductions plus O((T/block_q) * (T/block_k)) small integer ops per pa
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -70,6 +71,7 @@ def _summarise(segment_ids, split_ids, split_modes, block: int, class_a_mode: in
       b_seg_min=mn(seg, in_b), b_seg_max=mx(seg, in_b))
 
 
+@functools.partial(jax.jit, static_argnames=('block_q', 'block_k'))
 def classify_blocks(segment_ids, split_ids, split_modes, block_q: int, block_k: int) -> jax.Array:
   """int32 [B, T] metadata (T a multiple of both blocks) -> int32 [B, T/block_q, T/block_k].
 
@@ -151,6 +153,7 @@ def _pad_to(x, T, value=0):
   return jnp.pad(x, ((0, 0), (0, T - x.shape[1])), constant_values=value)
 
 
+@functools.partial(jax.jit, static_argnames=('block_q', 'block_k'))
 def block_sparsity(segment_ids, split_ids, split_modes, block_q: int, block_k: int) -> dict:
   """Fractions of (query block, key block) pairs that are skipped / partial / full.
 

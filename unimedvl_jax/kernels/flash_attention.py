@@ -1,7 +1,8 @@
 """Fused (flash) attention of packed multimodal sequences, forward and backward, in Pallas.
 
     flash_attention(q, k, v, segment_ids, split_ids, split_modes, *, scale=None,
-                    block_q=None, block_k=None, backend='auto', interpret=None, density=None)
+                    block_q=None, block_k=None, backend='auto', interpret=None, density=None,
+                    num_warps=None, num_stages=None)
 
 q [B, T, Hq, D]; k, v [B, T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention; KV heads
 are never repeated in memory). Metadata int32 [B, T] exactly as
@@ -27,7 +28,8 @@ Backends (`backend=`):
              re-use the previous block index, so they cost no DMA and no compute). Blocks:
              multiples of 128 (default 512 x 512).
   'auto'     'tpu' when jax.default_backend() == 'tpu', else 'generic'.
-`interpret=None` means: interpret mode iff jax.default_backend() == 'cpu'.
+`interpret=None` means: interpret mode iff jax.default_backend() == 'cpu'. `num_warps` and
+`num_stages` are Triton settings (generic backend on GPU only). k and v are cast to q's dtype.
 
 Cost estimate: each pallas_call carries a `pl.CostEstimate` counting only computed blocks. The
 number of computed blocks depends on the metadata, which is traced under jit, so the estimate
@@ -47,8 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from unimedvl_jax.kernels import _flash_generic, _flash_tpu
-from unimedvl_jax.kernels.block_mask import (BlockLists, block_lists, block_sparsity,
-                                             classify_blocks)
+from unimedvl_jax.kernels.block_mask import block_lists, block_sparsity, classify_blocks
 
 __all__ = ['flash_attention', 'block_sparsity', 'default_block_sizes', 'resolve_backend']
 
@@ -98,27 +99,26 @@ def _cost(cfg: _Config, kind: str, B, Tp, Hq, Hkv, D, itemsize) -> pl.CostEstima
   mm = {'fwd': 2, 'dq': 3, 'dkv': 4}[kind]                # matmuls per block
   flops = 2 * mm * pairs * D * Hq
   tr = pairs * Hq
-  seq = B * Tp * D * itemsize                             # one head of q/k/v/o
-  streamed = blocks * D * itemsize * Hq                   # per computed block, per element row
-  if kind == 'fwd':     # q, o once; k, v per computed block; lse
-    by = 2 * seq * Hq + 2 * streamed * cfg.block_k + 4 * B * Hq * Tp
-  elif kind == 'dq':    # q, do, dq once; k, v per block; lse, delta
-    by = 3 * seq * Hq + 2 * streamed * cfg.block_k + 8 * B * Hq * Tp
-  else:                 # k, v, dk, dv once; q, do, lse, delta per block
-    by = 4 * seq * Hkv + 2 * streamed * cfg.block_q + 8 * blocks * cfg.block_q * Hq
-  by += 12 * B * Tp
+  seq = B * Tp * D * itemsize                 # one head of q, k, v, o, do, dq, dk or dv
+  rows = blocks * D * itemsize * Hq           # x block length: one operand re-read per block
+  if kind == 'fwd':     # q, o once; k, v per computed block; lse out
+    by = 2 * seq * Hq + 2 * rows * cfg.block_k + 4 * B * Hq * Tp
+  elif kind == 'dq':    # q, do, dq once; k, v per computed block; lse, delta
+    by = 3 * seq * Hq + 2 * rows * cfg.block_k + 8 * B * Hq * Tp
+  else:                 # k, v, dk, dv once; q, do, lse, delta per computed block
+    by = 4 * seq * Hkv + 2 * rows * cfg.block_q + 8 * blocks * cfg.block_q * Hq
+  by += 12 * B * Tp     # metadata
   return pl.CostEstimate(flops=int(flops), transcendentals=int(tr), bytes_accessed=int(by))
 
 
-def _lists(meta, cfg: _Config, transpose: bool) -> BlockLists:
-  cls = classify_blocks(meta[:, 0], meta[:, 1], meta[:, 2], cfg.block_q, cfg.block_k)
-  return block_lists(jnp.swapaxes(cls, 1, 2) if transpose else cls)
+def _classify(meta, cfg: _Config):
+  return classify_blocks(meta[:, 0], meta[:, 1], meta[:, 2], cfg.block_q, cfg.block_k)
 
 
 def _forward(q, k, v, meta, cfg: _Config):
   B, Tp, Hq, D = q.shape
   Hkv = k.shape[2]
-  lists = _lists(meta, cfg, transpose=False)
+  lists = block_lists(_classify(meta, cfg))
   kw = dict(scale=cfg.scale, bq=cfg.block_q, bk=cfg.block_k, interpret=cfg.interpret,
             cost_estimate=_cost(cfg, 'fwd', B, Tp, Hq, Hkv, D, q.dtype.itemsize))
   if cfg.backend == 'tpu':
@@ -132,8 +132,9 @@ def _backward(q, k, v, meta, o, lse, do, cfg: _Config):
   Hkv = k.shape[2]
   delta = jnp.einsum('bthd,bthd->bht', o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(q.dtype)
-  lists = _lists(meta, cfg, transpose=False)
-  lists_t = _lists(meta, cfg, transpose=True)
+  cls = _classify(meta, cfg)
+  lists = block_lists(cls)                              # per query block: key blocks
+  lists_t = block_lists(jnp.swapaxes(cls, 1, 2))        # per key block: query blocks
   kw = dict(scale=cfg.scale, bq=cfg.block_q, bk=cfg.block_k, interpret=cfg.interpret)
   cost = functools.partial(_cost, cfg, B=B, Tp=Tp, Hq=Hq, Hkv=Hkv, D=D,
                            itemsize=q.dtype.itemsize)
@@ -190,6 +191,7 @@ def flash_attention(q, k, v, segment_ids, split_ids, split_modes, *, scale=None,
                   ('split_modes', split_modes)):
     if tuple(x.shape) != (B, T):
       raise ValueError(f'{name} must be [B, T] = [{B}, {T}], got {tuple(x.shape)}')
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
   backend = resolve_backend(backend)
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'

@@ -75,8 +75,8 @@ class GroupNorm(nnx.Module):
     if channels % groups:
       raise ValueError(f'GroupNorm: channels ({channels}) must be divisible by groups ({groups})')
     pdt = to_dtype(param_dtype)
-    self.weight = nnx.Param(jnp.ones((channels,), pdt), out_sharding=(None,))
-    self.bias = nnx.Param(jnp.zeros((channels,), pdt), out_sharding=(None,))
+    self.weight = nnx.Param(jnp.ones((channels,), pdt), sharding_names=(None,))
+    self.bias = nnx.Param(jnp.zeros((channels,), pdt), sharding_names=(None,))
     self.groups = groups
     self.eps = eps
     self.dtype = to_dtype(dtype)

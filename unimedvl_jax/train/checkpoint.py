@@ -138,8 +138,9 @@ class Checkpointer:
                                         save_interval_steps=save_interval_steps,
                                         enable_async_checkpointing=async_save,
                                         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=opts,
-                                         item_names=ARRAY_ITEMS + ('data', 'config'))
+    handlers = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
+    handlers.update(data=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -150,7 +151,7 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, *, data_state: dict | None, cfg, force: bool = False) -> bool:
     """state: dict with the ARRAY_ITEMS (pytrees). Returns True if a save was started."""
-    args = {k: ocp.args.StandardSave(to_tree(state[k])) for k in ARRAY_ITEMS}
+    args = {k: ocp.args.StandardSave(to_tree(state[k])) for k in ARRAY_ITEMS if k in state}
     args['data'] = ocp.args.JsonSave(data_state or {})
     args['config'] = ocp.args.JsonSave(config_to_json(cfg))
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -265,7 +266,8 @@ def save_model_checkpoint(directory: str, cfg, model_or_params, step: int = 0, *
       buffers = config_buffers(cfg)
   ck = Checkpointer(directory, max_to_keep=10, async_save=False)
   meta = {'step': np.int32(step), 'rng': np.zeros((2,), np.uint32), 'nonfinite': np.int32(0)}
-  state = {'params': params, 'ema': params, 'buffers': buffers, 'opt_state': {}, 'meta': meta}
+  # params only (no EMA copy, no optimizer state): load_model falls back to `params`
+  state = {'params': params, 'buffers': buffers, 'meta': meta}
   ck.save(step, state, data_state={}, cfg=cfg, force=True)
   ck.close()
 
@@ -306,6 +308,9 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
   abstract = nnx.eval_shape(lambda: UniMedVL(ck_cfg.model, rngs=nnx.Rngs(0)))
   graphdef, p_abs, b_abs = model_states(abstract)
   which = 'ema' if use_ema else 'params'
+  meta = ck.manager.item_metadata(s)
+  if which == 'ema' and (meta is None or 'ema' not in meta or meta['ema'] is None):
+    which = 'params'    # a params-only checkpoint (e.g. written by `convert import`)
   template = {which: p_abs, 'buffers': b_abs}
   _, state, _, _ = ck.restore(template, step=s, items=(which, 'buffers'))
   model = nnx.merge(graphdef, state[which], state['buffers'])

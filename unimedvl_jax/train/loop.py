@@ -34,6 +34,12 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+# train fields that do not change the compiled step (host-side schedule / bookkeeping)
+STAGE_DYNAMIC_FIELDS = ('lr', 'schedule', 'warmup_steps', 'min_lr', 'total_steps', 'log_every',
+                        'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps',
+                        'profile_steps', 'dump_hlo')
+
+
 def stage_plan(cfg) -> list[dict]:
   """[{name, kind, start, end}] in global steps; one implicit stage without a curriculum."""
   if not cfg.stages:
@@ -111,7 +117,7 @@ def prepare_data_root(cfg, workdir: str) -> str:
     from unimedvl_jax.data import synthetic
     size = int(cfg.data.vae_max_size)
     print(f'generating the embedded dataset in {root} ({size}px) ...', flush=True)
-    synthetic.generate(root, seed=0, size=size)
+    synthetic.ensure_dataset(root, seed=0, size=size)
   return root
 
 
@@ -155,6 +161,7 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
   pidx, pcount = jax.process_index(), jax.process_count()
 
   from unimedvl_jax.data import pipeline
+  compiled: dict = {}
 
   saved = {'step': step}
 
@@ -172,8 +179,13 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
       tc = stage_train_config(cfg, st['name'])
       if st['kind'] == 'vae':
         tc.freeze = ('vit', 'connector', 'adapters', 'llm')   # only the VAE learns
-      fn = step_lib.make_train_step(graphdef, cfg, tc, objective=st['kind'])
-      jitted, _, b_sh = step_lib.jit_train_step(fn, abstract, mesh, spec)
+      # stages with the same static settings share one compiled step (the lr is an argument)
+      key = (st['kind'], json.dumps({k: v for k, v in tc.to_dict().items()
+                                     if k not in STAGE_DYNAMIC_FIELDS}, sort_keys=True, default=str))
+      if key not in compiled:
+        fn = step_lib.make_train_step(graphdef, cfg, tc, objective=st['kind'])
+        compiled[key] = step_lib.jit_train_step(fn, abstract, mesh, spec)
+      jitted, _, b_sh = compiled[key]
       sched = step_lib.lr_schedule(tc, st['end'] - st['start'])
       it = pipeline.make_train_iterator(cfg, st['name'], process_index=pidx, process_count=pcount)
       if data_state and data_state.get('stage') == st['name'] and data_state.get('iterator'):

@@ -138,11 +138,15 @@ def _microbatches(batch, k):
   return jax.tree.map(lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:]), batch)
 
 
-def vae_objective(model, batch, rng, kl_weight: float = 1e-6):
+def vae_objective(model, batch, rng, kl_weight: float = 1e-6, max_slots: int = 2):
   """Autoencoder reconstruction (for toy VAEs that must be trained): MSE of decode(sample(x)) on
-  the pack's used VAE slots + kl_weight * KL(q(z|x) || N(0, I)). Returns (loss, mse, kl, count)."""
-  imgs = batch['vae_images']
-  B, N = imgs.shape[:2]
+  the pack's used VAE slots + kl_weight * KL(q(z|x) || N(0, I)). Returns (loss, mse, kl, count).
+
+  Only the first `max_slots` slots of each pack are used (the packer fills slots in order):
+  conv backward passes are slow on CPU and a few images per pack are plenty for a toy VAE."""
+  N = min(batch['vae_images'].shape[1], max_slots)
+  imgs = batch['vae_images'][:, :N]
+  B = imgs.shape[0]
   used = jnp.any((batch['latent_image'][:, :, None] == jnp.arange(N)[None, None, :])
                  & (batch['latent_mask'][:, :, None] > 0), axis=1).astype(jnp.float32)
   x = imgs.reshape((B * N,) + imgs.shape[2:])
@@ -212,7 +216,8 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
     d = tc.ema_decay
     new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state['ema'], new_params)
 
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # reject the step if anything is non-finite, including an update that overflowed the params
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = {
         'params': keep(new_params, params),

@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
   from unimedvl_jax.train.loop import train
   summary = train(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
   print(json.dumps({'train': summary}, default=str))

@@ -1,0 +1,100 @@
+"""AOT memory/FLOPs plans of the training step for TPU pod slices, without TPUs (libtpu only).
+
+    python benchmarks/bench_aot.py --config configs/unimedvl_7b.py --topology v5p-128 \
+        --out benchmarks/aot/v5p-128_fsdp.json [--hlo benchmarks/aot/v5p-128_fsdp.hlo.txt] \
+        [--config.model.attention_impl=pallas --config.mesh.tensor=4 ...]
+
+One plan per process (libtpu and the compile stay isolated; wrap it in `timeout`). Writes the
+JSON of `unimedvl_jax.aot.plan` (see its docstring) plus the command line. `--reanalyze HLO`
+recomputes the FLOPs / collectives of a saved optimized HLO into an existing JSON (no compile).
+`--table DIR` prints the markdown table of benchmarks/RESULTS.md from every JSON in DIR.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'configs/*.py file', lock_config=True)
+flags.DEFINE_string('topology', None, 'e.g. v5p-128, v5p:4x4x4, v5e-256, v6e-256')
+flags.DEFINE_string('out', None, 'JSON output path')
+flags.DEFINE_string('hlo', None, 'also save the optimized HLO text here')
+flags.DEFINE_string('reanalyze', None, 'HLO text to re-analyze into --out (no compile)')
+flags.DEFINE_string('table', None, 'print the markdown table of the JSONs in this folder')
+FLAGS = flags.FLAGS
+
+
+def _gib(x):
+  return f'{x / (1 << 30):.1f}' if x is not None else '-'
+
+
+def table(folder: str) -> str:
+  rows = []
+  for p in sorted(glob.glob(os.path.join(folder, '*.json'))):
+    with open(p) as f:
+      r = json.load(f)
+    if 'error' in r:
+      rows.append(f'| {os.path.basename(p)[:-5]} | error: {r["error"][:80]} |')
+      continue
+    m, b, mem = r['mesh'], r['batch'], r.get('memory', {})
+    peak = mem.get('peak_memory_in_bytes') or r.get('oom', {}).get('used_bytes')
+    fl, st = r.get('flops', {}), r.get('step_time', {})
+    ratio = fl.get('compiled_over_analytic')
+    rows.append(
+        f'| {r["accelerator_type"]} ({r["topology"]}) | {m["data"]}x{m["fsdp"]}x{m["tensor"]} | '
+        f'{r["model"]["attention_impl"]} / {r["model"]["remat"]} | {b["seq_len"]} x '
+        f'{b["packs_per_chip"]:g} | {_gib(mem.get("state_bytes"))} | {_gib(mem.get("temp_size_in_bytes"))} | '
+        f'{_gib(peak)}{" (OOM)" if "oom" in r else ""} / {_gib(r["hbm"]["usable_bytes"])} | '
+        f'{"yes" if r["fits"] else "**no**"} | '
+        f'{ratio:.2f} | ' if ratio is not None else '- | ')
+    if ratio is not None:
+      rows[-1] += (f'{st["compute_bound_s"]:.2f} | {st["mfu_upper_bound"]:.2f} | '
+                   f'{st["at_mfu"]["0.40"]:.2f} | '
+                   f'{sum(r["collectives"]["static"].values())} | {r.get("compile_seconds", "-")} |')
+    else:
+      rows[-1] += f'- | - | - | - | {r.get("compile_seconds", "-")} |'
+  head = ('| slice | mesh d x f x t | attention / remat | seq x packs/chip | state GiB/chip | '
+          'temp GiB | peak / usable GiB | fits | compiled/analytic FLOPs | step >= s | '
+          'MFU <= | step @40% MFU s | collectives (static) | compile s |\n'
+          '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  return head + '\n' + '\n'.join(rows)
+
+
+def main(argv):
+  del argv
+  if FLAGS.table:
+    print(table(FLAGS.table))
+    return
+  from unimedvl_jax import aot
+  if FLAGS.reanalyze:
+    with open(FLAGS.out) as f:
+      r = json.load(f)
+    with open(FLAGS.reanalyze) as f:
+      text = f.read()
+    aot.update_from_hlo(r, text)
+    with open(FLAGS.out, 'w') as f:
+      json.dump(r, f, indent=1)
+    print(json.dumps({k: r[k] for k in ('flops', 'step_time', 'collectives')}, indent=1))
+    return
+  aot.prepare_env(FLAGS.topology)
+  cmd = 'python ' + ' '.join(sys.argv)
+  try:
+    r = aot.plan(FLAGS.config, FLAGS.topology, hlo_path=FLAGS.hlo)
+  except Exception as e:  # noqa: BLE001 - record the failure in the table
+    r = {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
+  r['command'] = cmd
+  text = json.dumps(r, indent=1)
+  print(text)
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
+    with open(FLAGS.out, 'w') as f:
+      f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,145 @@
+"""AOT planning without hardware (unimedvl_jax/aot.py): the real training step of a small
+tiny-config variant compiled for a TPU v5e 2x2 slice through libtpu, in a subprocess.
+
+Skipped when libtpu is not importable (install: pip install 'jax[tpu]==0.10.2', which pins
+libtpu==0.0.42.1; it must not change jax/jaxlib). The big configurations are planned with
+benchmarks/bench_aot.py (results in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TOPOLOGY = 'v5e:2x2'
+
+
+def test_parse_topology():
+  from unimedvl_jax import aot
+  t = aot.parse_topology('v5p-128')
+  assert (t.generation, t.name, t.chips) == ('v5p', 'v5p:4x4x4', 64)
+  assert aot.parse_topology('v5p:4x4x4').accelerator_type == 'v5p-128'
+  assert aot.parse_topology('v5e-256').name == 'v5e:16x16'
+  assert aot.parse_topology('v5litepod-256').chips == 256
+  assert aot.parse_topology('v6e-256').accelerator_type == 'v6e-256'
+  assert aot.parse_topology('v5p-64').name == 'v5p:2x4x4'
+  with pytest.raises(ValueError, match='unknown TPU generation'):
+    aot.parse_topology('v9x:2x2')
+
+
+def test_analyze_hlo_counts_loops_and_collectives():
+  """The HLO counter on a hand-written module: a while loop of 7 trips around a dot and an
+  all-gather; the trip count comes from the condition (counter < 7, counter from 0)."""
+  from unimedvl_jax import aot
+  text = '''HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16] get-tuple-element(%p), index=1
+  %w = f32[16,16] constant({...})
+  %d = f32[8,16] dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %g = f32[16,16] all-gather(%d), dimensions={0}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,16]) tuple(%n, %d)
+}
+
+%cond (p.1: (s32[], f32[8,16])) -> pred[] {
+  %p.1 = (s32[], f32[8,16]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %c = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i.1, %c), direction=LT
+}
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,16]) tuple(%zero, %a)
+  %w = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
+  %r = f32[8,16] get-tuple-element(%w), index=1
+  ROOT %ar = f32[8,16] all-reduce(%r), to_apply=%cond
+}
+'''
+  r = aot.analyze_hlo(text)
+  assert r['while_trip_counts'] == [7] and r['unknown_trip_counts'] == 0
+  assert r['flops'] == 7 * 2 * 8 * 16 * 16
+  assert r['collectives']['static']['all-gather'] == 1
+  assert r['collectives']['per_step']['all-gather'] == 7
+  assert r['collectives']['per_step']['all-reduce'] == 1
+
+
+def _libtpu_path():
+  extra = os.environ.get('UNIMEDVL_LIBTPU_PATH')
+  if extra and os.path.isdir(os.path.join(extra, 'libtpu')):
+    return extra
+  return '' if importlib.util.find_spec('libtpu') is not None else None
+
+
+@pytest.fixture(scope='module')
+def aot_result():
+  libtpu = _libtpu_path()
+  if libtpu is None:
+    pytest.skip("libtpu is not importable (pip install 'jax[tpu]==0.10.2', which pins "
+                'libtpu==0.0.42.1; or set UNIMEDVL_LIBTPU_PATH): cannot AOT-compile for a TPU '
+                'topology')
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
+  env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
+      p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'scale_aot_script.py'), TOPOLOGY],
+                        env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('AOT_RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-8000:]
+  return json.loads(lines[-1][len('AOT_RESULT '):])
+
+
+@pytest.mark.slow
+def test_plan_small_config(aot_result):
+  r = aot_result['plan']
+  print(json.dumps(r, indent=1))
+  assert r['generation'] == 'v5e' and r['devices'] == 4 and r['device_kind'] == 'TPU v5 lite'
+  assert r['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert r['fits'] is True
+  mem = r['memory']
+  assert 0 < mem['peak_memory_in_bytes'] <= r['hbm']['usable_bytes']
+  # the sharded train state is part of the arguments (plus the batch), and aliased (donated)
+  assert mem['argument_size_in_bytes'] >= mem['state_bytes'] > 0
+  assert mem['alias_size_in_bytes'] > 0
+  fl = r['flops']
+  assert fl['unknown_trip_counts'] == 0
+  assert 2 in fl['while_trip_counts']            # the 2 scanned decoder layers
+  assert fl['compiled_custom_calls_per_chip'] > 0  # Mosaic flash attention (CostEstimate)
+  # compiled (incl. padding blocks, the frozen VAE's convs, remat none) vs analytic model FLOPs
+  assert 0.7 < fl['compiled_over_analytic'] < 3.0, fl
+  assert fl['xla_cost_analysis_raw'] > 0
+  st = r['step_time']
+  assert st['compute_bound_s'] > 0 and 0 < st['mfu_upper_bound'] <= 1.5
+  coll = r['collectives']['per_step']
+  assert coll['all-gather'] > 0 and coll['all-reduce'] > 0, coll
+
+
+@pytest.mark.slow
+def test_hlo_flops_match_unrolled_cost_analysis(aot_result):
+  """XLA's cost_analysis counts a scanned body once; the HLO counter multiplies by the trip count
+  and so equals cost_analysis of the unrolled program (and both equal the matmul FLOPs)."""
+  t = aot_result['toy']
+  assert abs(t['hlo_scanned'] - t['xla_unrolled']) <= 0.01 * t['xla_unrolled'], t
+  assert abs(t['hlo_unrolled'] - t['xla_unrolled']) <= 0.01 * t['xla_unrolled'], t
+  assert abs(t['hlo_scanned'] - t['matmul_flops']) <= 0.01 * t['matmul_flops'], t
+  assert t['xla_scanned'] < 0.5 * t['xla_unrolled'], t     # the raw count misses the trips
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_reported(aot_result):
+  assert aot_result['oom_compiled'] is False
+  oom = aot_result['oom']
+  assert oom is not None and oom['message']
+  assert oom.get('used_bytes', 0) > oom.get('capacity_bytes', 1) > 0, oom

@@ -1,0 +1,169 @@
+"""Sharding of the training state and step (DESIGN.md "Sharding").
+
+1. Golden per-parameter PartitionSpecs of the 7b config on data=1 x fsdp=16 x tensor=4
+   (tests/scale/golden_7b_specs.json; regenerate after an intended rules change with
+   `python -m tests.scale.regen_golden`). Abstract: jax.eval_shape + an AbstractMesh.
+2. Under FSDP no parameter, EMA or optimizer tensor above 4 MiB is replicated, and the per-chip
+   state is ~1/N of the whole.
+3. (subprocess, 8 fake CPU devices) the data=2 x fsdp=2 x tensor=2 step gives the single-device
+   step's loss and updated state, the state is really sharded, and the compiled step's
+   collectives match the expectations stated in `test_sharded_step_*`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MiB = 1 << 20
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f'scale_{name}', os.path.join(HERE, f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope='module')
+def golden_mod():
+  return _load('regen_golden')
+
+
+@pytest.fixture(scope='module')
+def abstract_7b(golden_mod):
+  from unimedvl_jax.train import step as step_lib
+  _, abstract = step_lib.abstract_state(golden_mod.load_config('unimedvl_7b'))
+  return abstract
+
+
+def test_golden_7b_partition_specs(golden_mod, abstract_7b):
+  from unimedvl_jax.train import step as step_lib
+  sh = step_lib.state_shardings(abstract_7b, golden_mod.abstract_mesh(golden_mod.MESH))
+  got = golden_mod.param_specs(abstract_7b, sh)
+  with open(golden_mod.GOLDEN) as f:
+    golden = json.load(f)
+  assert golden['mesh'] == golden_mod.MESH
+  keys = sorted(set(got) | set(golden['params']))
+  diff = [k for k in keys if got.get(k) != golden['params'].get(k)]
+  assert not diff, (f'{len(diff)} of {len(keys)} parameter specs differ from '
+                    f'{golden_mod.GOLDEN} (after an intended change: python -m '
+                    f'tests.scale.regen_golden): ' +
+                    '; '.join(f'{k}: got {got.get(k)} golden {golden["params"].get(k)}'
+                              for k in diff[:10]))
+  # facts the file must keep whatever else changes
+  p = golden['params']
+  assert p['embed_tokens']['spec'] == ['tensor', 'fsdp']
+  assert p['lm_head/kernel']['spec'] == ['fsdp', 'tensor']
+  assert p['decoder/layers/und/mlp/gate/kernel']['spec'] == [None, 'fsdp', 'tensor']
+  assert p['decoder/layers/gen/o_proj/kernel']['spec'] == [None, 'tensor', 'fsdp']
+  # the layer-stack axis is never sharded (scan slices it)
+  assert all(v['spec'][0] is None for k, v in p.items() if k.startswith('decoder/layers/'))
+
+
+@pytest.mark.parametrize('mesh', [(1, 16, 4), (1, 64, 1), (2, 32, 1)])
+def test_fsdp_replicates_no_large_tensor(golden_mod, abstract_7b, mesh):
+  import jax
+  from unimedvl_jax.sharding import MESH_AXES
+  from unimedvl_jax.train import step as step_lib
+  sizes = dict(zip(MESH_AXES, mesh))
+  sh = step_lib.state_shardings(abstract_7b, golden_mod.abstract_mesh(sizes))
+  n = math.prod(mesh)
+  replicated, total, per_dev = [], 0, 0
+  for item in ('params', 'ema', 'opt_state'):
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_7b[item])[0]
+    shs = jax.tree.leaves(sh[item])
+    assert len(leaves) == len(shs)
+    for (path, x), s in zip(leaves, shs):
+      nb = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+      sb = math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+      total += nb
+      per_dev += sb
+      if nb > 4 * MiB and sb == nb:
+        replicated.append(f'{item}{jax.tree_util.keystr(path)} {tuple(x.shape)} {nb / MiB:.1f} MiB')
+  assert not replicated, f'{len(replicated)} tensors > 4 MiB replicated on {sizes}: {replicated[:10]}'
+  # per chip: ~1/N of the 235 GB state (small replicated norms/biases and uneven splits aside)
+  assert total > 200e9, total
+  assert per_dev <= 1.05 * total / n + 64 * MiB, (per_dev / 2**30, total / n / 2**30)
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
+  env.update(extra)
+  return env
+
+
+@pytest.fixture(scope='module')
+def sharded_result():
+  from unimedvl_jax.data import synthetic
+  root = synthetic.ensure_dataset()
+  env = _clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'scale_sharded_step.py'), root],
+                        env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('SHARDED_RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return json.loads(lines[-1][len('SHARDED_RESULT '):])
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device(sharded_result):
+  r = sharded_result
+  for k in ('loss', 'ce', 'mse', 'grad_norm'):
+    np.testing.assert_allclose(r['sharded'][k], r['single'][k], rtol=2e-5, atol=1e-6, err_msg=k)
+  assert r['single']['loss'] > 0 and r['single']['ce'] > 0 and r['single']['mse'] > 0
+  # one AdamW step of lr 1e-3 moves parameters by ~1e-3; the sharded result agrees far below that
+  for k, d in r['max_diff'].items():
+    assert d < 2e-6, (k, d)
+
+
+@pytest.mark.slow
+def test_sharded_step_state_is_sharded(sharded_result):
+  s = sharded_result['sharding']
+  # data=2 x fsdp=2 x tensor=2: matrices split over fsdp and tensor (1/4 per device); norms,
+  # biases and small tables stay whole, so the per-device share is between 1/4 and 1/2
+  for k in ('params_fraction', 'opt_state_fraction', 'ema_fraction'):
+    assert 0.2 < s[k] < 0.5, (k, s[k])
+  ex = s['examples']
+  assert ex['embed_tokens']['spec'] == "PartitionSpec('tensor', 'fsdp')", ex
+  assert ex['embed_tokens']['shard'] == [ex['embed_tokens']['shape'][0] // 2,
+                                         ex['embed_tokens']['shape'][1] // 2]
+  g = ex['decoder/layers/und/mlp/gate/kernel']
+  assert g['shard'] == [g['shape'][0], g['shape'][1] // 2, g['shape'][2] // 2], g
+
+
+@pytest.mark.slow
+def test_sharded_step_collectives(sharded_result):
+  """Expectations, and why:
+  - dp8 (data=8, parameters replicated): no parameter is gathered, nothing is re-sharded, so
+    there is no all-gather, reduce-scatter, all-to-all or collective-permute; gradients and the
+    global token counts are summed with all-reduce (XLA combines them into a few ops, >= 1).
+  - fsdp8 (fsdp=8): every fsdp-sharded parameter must be all-gathered before its matmul, in the
+    forward and again in the rematerialised/backward pass, so the per-step all-gathers are at
+    least the number of fsdp-sharded parameter leaves (scanned layer stacks are gathered inside
+    the scan body, once per layer); gradients of sharded parameters are reduced to shards
+    (reduce-scatter, or all-reduce + slice on the CPU backend), so reduce-scatter + all-reduce
+    >= 1. No all-to-all is needed (no context/expert parallelism).
+  - mixed (2x2x2): both kinds appear (all-gather > 0, all-reduce > 0).
+  """
+  c = sharded_result['collectives']
+  dp, fs, mx = c['dp8']['per_step'], c['fsdp8']['per_step'], c['mixed']['per_step']
+  assert dp['all-gather'] == 0 and dp['reduce-scatter'] == 0, dp
+  assert dp['all-to-all'] == 0 and dp['collective-permute'] == 0, dp
+  assert dp['all-reduce'] >= 1, dp
+  n_fsdp = sharded_result['expected']['fsdp8']['fsdp_sharded_param_leaves']
+  assert fs['all-gather'] >= n_fsdp, (fs, n_fsdp)
+  assert fs['reduce-scatter'] + fs['all-reduce'] >= 1, fs
+  assert fs['all-to-all'] == 0, fs
+  assert mx['all-gather'] > 0 and mx['all-reduce'] > 0, mx

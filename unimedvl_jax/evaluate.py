@@ -1,0 +1,102 @@
+"""Evaluate a checkpoint on JSONL data: every task present, metrics + baselines + protocol.
+
+    python -m unimedvl_jax.evaluate --checkpoint runs/tiny --data DIR/val/vqa.jsonl,DIR/val/edit.jsonl \
+        --out report.json [--root DIR] [--max-samples 50] [--samples-dir out/samples]
+
+The data root (image paths are relative to it) defaults to the nearest ancestor of the first
+JSONL holding a manifest.json (the embedded synthetic dataset), else the JSONL's directory. The
+report's `protocol` section states prompts, decoding and sampler settings, seeds, splits and
+counts; see unimedvl_jax/eval/harness.py for the metric definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+def define_flags():
+  """Defines the CLI's absl flags (only when run as a program)."""
+  flags.DEFINE_string('checkpoint', None, 'training workdir or its checkpoints/ folder')
+  flags.DEFINE_string('data', None, 'comma-separated JSONL files')
+  flags.DEFINE_string('out', None, 'report JSON path')
+  flags.DEFINE_string('root', None, 'data root for relative image paths')
+  flags.DEFINE_integer('max-samples', None, 'at most this many samples per task')
+  flags.DEFINE_string('samples-dir', None, 'write sample outputs (PNG grids, texts) here')
+  flags.DEFINE_integer('batch-size', 8, 'requests per batch')
+  flags.DEFINE_integer('seed', 0, 'base seed')
+  flags.DEFINE_integer('num-steps', None, 'override the sampler timesteps (default 50)')
+  flags.DEFINE_integer('max-new-tokens', None, 'override every task\'s text budget')
+  flags.DEFINE_bool('ema', True, 'use the EMA weights (else the raw params)')
+  flags.DEFINE_string('config', None, 'configs/*.py the checkpoint must match (optional)')
+  flags.DEFINE_string('tokenizer', None, 'tokenizer file (default: config / data root)')
+  for _name in ('max-samples', 'samples-dir', 'batch-size', 'num-steps', 'max-new-tokens'):
+    flags.DEFINE_alias(_name.replace('-', '_'), _name)
+
+
+FLAGS = flags.FLAGS
+
+
+def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None, batch_size=8,
+        seed=0, num_steps=None, max_new_tokens=None, use_ema=True, config=None, tokenizer=None,
+        log=print) -> dict:
+  """The CLI as a function (tests call it). Returns the report dict written to `out`."""
+  import dataclasses
+  from unimedvl_jax.eval import harness
+  from unimedvl_jax.infer import image as I
+  from unimedvl_jax.infer.loading import load_checkpoint, load_tokenizer
+  files = [f.strip() for f in (data or '').split(',') if f.strip()]
+  if not files:
+    raise ValueError('--data: give at least one JSONL file')
+  for f in files:
+    if not os.path.isfile(f):
+      raise FileNotFoundError(f'--data file {f!r} does not exist')
+  data_root = root or harness.guess_root(files[0])
+  cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema)
+  tok = load_tokenizer(cfg, tokenizer, data_root)
+  samples = harness.load_samples(files, root, log=log)
+  kw = {}
+  if num_steps:
+    kw['flow_text_to_image'] = dataclasses.replace(I.TEXT_TO_IMAGE, num_steps=num_steps)
+    kw['flow_editing'] = dataclasses.replace(I.EDITING, num_steps=num_steps)
+  if max_new_tokens:
+    kw['text_settings'] = {k: dataclasses.replace(v, max_new_tokens=max_new_tokens)
+                           for k, v in harness.DEFAULT_TEXT.items()}
+  report = harness.evaluate(cfg, model, tok, samples, batch_size=batch_size,
+                            max_samples=max_samples, seed=seed, samples_dir=samples_dir,
+                            data_files=files, root=data_root, log=log, **kw)
+  report['protocol']['checkpoint'] = os.path.abspath(checkpoint)
+  report['protocol']['weights'] = 'ema' if use_ema else 'params'
+  report['protocol']['tokenizer'] = getattr(tok, 'path', '')
+  report = harness.to_json(report)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=2, sort_keys=False)
+      f.write('\n')
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  from unimedvl_jax.infer.loading import LoadError
+  try:
+    run(FLAGS.checkpoint, FLAGS.data, FLAGS.out, root=FLAGS.root,
+        max_samples=FLAGS['max-samples'].value, samples_dir=FLAGS['samples-dir'].value,
+        batch_size=FLAGS['batch-size'].value, seed=FLAGS.seed,
+        num_steps=FLAGS['num-steps'].value, max_new_tokens=FLAGS['max-new-tokens'].value,
+        use_ema=FLAGS.ema, config=FLAGS.config, tokenizer=FLAGS.tokenizer)
+  except (LoadError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {FLAGS.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  define_flags()
+  flags.mark_flags_as_required(['checkpoint', 'data', 'out'])
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,60 @@
+"""Loading a checkpoint + tokenizer for inference and evaluation (used by the CLIs).
+
+Errors are `LoadError` with a message naming the offending path or field: a missing checkpoint,
+a checkpoint whose config does not match the one given (`CheckpointError` from
+train/checkpoint.py), a tokenizer that is missing or does not fit the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class LoadError(RuntimeError):
+  """A checkpoint / config / tokenizer that cannot be used."""
+
+
+def load_config(path: str | None, overrides=()):
+  if not path:
+    return None
+  from unimedvl_jax.config import ConfigError, load_config_file
+  try:
+    return load_config_file(path, overrides)
+  except (ConfigError, FileNotFoundError) as e:
+    raise LoadError(f'--config {path}: {e}') from None
+
+
+def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: bool = True):
+  """(cfg, model) from a training workdir or its checkpoints/ folder. With `config_path`, the
+  checkpoint must have been written for the same model config."""
+  from unimedvl_jax.train.checkpoint import CheckpointError, load_model
+  if not directory or not os.path.exists(directory):
+    raise LoadError(f'--checkpoint {directory!r} does not exist')
+  want = load_config(config_path)
+  try:
+    return load_model(directory, use_ema=use_ema, cfg=want)
+  except CheckpointError as e:
+    msg = str(e)
+    raise LoadError(msg if directory in msg else f'checkpoint {directory}: {msg}') from None
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise LoadError(f'checkpoint {directory} cannot be read: {type(e).__name__}: {e}') from None
+
+
+def load_tokenizer(cfg, path: str | None = None, data_root: str | None = None):
+  """The tokenizer: `path`, else cfg.data.tokenizer_path, else tokenizer.model under
+  `data_root`, else the configured data root (data/pipeline.py). Checks it fits the model."""
+  from unimedvl_jax.data import pipeline
+  from unimedvl_jax.data import tokenizer as toklib
+  cands = [path, cfg.data.get('tokenizer_path') or None,
+           os.path.join(data_root, 'tokenizer.model') if data_root else None]
+  try:
+    for p in cands:
+      if p and (p == path or os.path.exists(p)):
+        p = os.path.expanduser(p)
+        kind = 'hf' if p.endswith('.json') else cfg.data.tokenizer_kind
+        tok = toklib.load_tokenizer(kind, p)
+        pipeline.check_tokenizer(tok, cfg)
+        return tok
+    return pipeline.load_tokenizer(cfg)
+  except (toklib.TokenizerError, pipeline.DataError, OSError) as e:
+    raise LoadError(f'tokenizer: {e}') from None

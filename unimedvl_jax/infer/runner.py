@@ -1,0 +1,243 @@
+"""Batched "programs": prompt items + generation steps, run over KV-cache contexts.
+
+A `Program` is one request: the prompt (items in context order, like a training plan's items
+before its first loss item) and the steps to generate (the plan's loss items, in order):
+
+    Program(prompt=[Item.vit(...), Item.text(ids)], steps=['text'])              # VQA / report
+    Program(prompt=[Item.text(ids)], steps=[('image', (gh, gw))])               # text-to-image
+    Program(prompt=[Item.vae(...), Item.vit(...), Item.text(ids)],
+            steps=[('image', (gh, gw)), 'text'])                                # counterfactual
+
+`run_programs(runner, programs, ...)` prefills the contexts of a batch of programs (ragged rows)
+and runs the steps together (the programs of one call must have the same step kinds):
+- a 'text' step decodes one text item (text.py) and APPENDS it to the full context (so a later
+  image sees it: think-mode plans, editing replies); the CFG contexts are not changed (BAGEL);
+- an ('image', grid) step samples an image (image.py) from the full context with the CFG
+  contexts (SPEC 7): "cfg_text" = the prompt before its last text item (the whole prompt if an
+  image follows that text), "cfg_img" = the prompt's text items only. The generated image is
+  never written into a context (a noised target is invisible to every later item, as in
+  training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from unimedvl_jax.infer import context as C
+from unimedvl_jax.infer import image as I
+from unimedvl_jax.infer import text as T
+
+MIN_CAPACITY = 64
+
+
+@dataclasses.dataclass
+class Item:
+  kind: str                     # 'text' | 'vit' | 'vae'
+  ids: Any = None               # text: token ids (no markers)
+  patches: Any = None           # vit: [nh*nw, K] float32
+  tokens: Any = None            # vae: clean latent tokens [gh*gw, 64]
+  grid: tuple = (0, 0)
+
+  @classmethod
+  def text(cls, ids):
+    return cls('text', ids=[int(i) for i in ids])
+
+  @property
+  def n_tokens(self) -> int:
+    return len(self.ids) + 2 if self.kind == 'text' else self.grid[0] * self.grid[1] + 2
+
+
+@dataclasses.dataclass
+class Program:
+  prompt: list
+  steps: list                   # 'text' | ('image', (gh, gw))
+
+  def signature(self) -> tuple:
+    return tuple(s if s == 'text' else 'image' for s in self.steps)
+
+
+@dataclasses.dataclass
+class StepOutput:
+  kind: str                     # 'text' | 'image'
+  tokens: list | None = None    # text ids
+  text: str | None = None
+  finished: bool | None = None  # text: <|im_end|> emitted (not forced)
+  image: np.ndarray | None = None   # uint8 [H, W, 3]
+  latents: np.ndarray | None = None
+
+
+class Runner:
+  """model + tokenizer + config: image preprocessing (the training resize rules) and programs."""
+
+  def __init__(self, model, tokenizer, cfg):
+    self.model = model
+    self.tok = tokenizer
+    self.cfg = cfg
+    self.specials = C.Specials.from_tokenizer(tokenizer)
+    d, m = cfg.data, cfg.model
+    self.vit_patch = int(m.vit.patch_size)
+    self.latent_px = 8 * int(m.latent_patch_size)
+    self.vit_rule = dict(max_size=d.vit_max_size, min_size=d.vit_min_size, stride=self.vit_patch,
+                         max_pixels=d.vit_max_pixels or None)
+    self.vae_rule = dict(max_size=d.vae_max_size, min_size=d.vae_min_size, stride=self.latent_px)
+
+  # ----------------------------------------------------------------------------- items
+  def text(self, s: str) -> Item:
+    return Item.text(self.tok.encode(s))
+
+  def vit(self, img: np.ndarray) -> Item:
+    """uint8 [H, W, 3] -> a ViT item (resized by the ViT rule, pixels to [-1, 1])."""
+    from unimedvl_jax.data import images as imlib
+    img = _as_uint8_rgb(img)
+    h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **self.vit_rule)
+    x = imlib.to_unit_range(imlib.resize(img, (h2, w2)))
+    p, grid = C.vit_patches(x, self.vit_patch)
+    g = int(self.cfg.model.vit.grid_size)
+    if grid[0] > g or grid[1] > g:
+      raise C.ContextError(f'image too large: its {grid[0]}x{grid[1]} ViT patch grid exceeds '
+                           f'model.vit.grid_size ({g})')
+    return Item('vit', patches=p, grid=grid)
+
+  def vae_pixels(self, img: np.ndarray, size=None) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [-1, 1] resized by the VAE rule (or to `size` = (h, w))."""
+    from unimedvl_jax.data import images as imlib
+    img = _as_uint8_rgb(img)
+    h2, w2 = size or imlib.target_size(img.shape[0], img.shape[1], **self.vae_rule)
+    return np.asarray(imlib.to_unit_range(imlib.resize(img, (h2, w2))), np.float32)
+
+  def vae(self, img: np.ndarray) -> Item:
+    """uint8 [H, W, 3] -> a clean VAE item (latent mean of the resized image)."""
+    x = self.vae_pixels(img)
+    gh, gw = x.shape[0] // self.latent_px, x.shape[1] // self.latent_px
+    g = int(self.cfg.model.max_latent_size)
+    if gh > g or gw > g:
+      raise C.ContextError(f'image too large: its {gh}x{gw} latent grid exceeds '
+                           f'model.max_latent_size ({g})')
+    tokens, grid = C.encode_vae_tokens(self.model, x)
+    return Item('vae', tokens=tokens, grid=grid)
+
+  def output_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The latent grid of a generated image of about height x width (VAE resize rule)."""
+    from unimedvl_jax.data import images as imlib
+    mx = int(self.vae_rule['max_size'])
+    if int(height) > mx or int(width) > mx or int(height) < 1 or int(width) < 1:
+      raise C.ContextError(f'image too large: a {height}x{width} output is requested; sides must '
+                           f'be in 1..{mx} (data.vae_max_size of the checkpoint\'s config)')
+    h2, w2 = imlib.target_size(int(height), int(width), **self.vae_rule)
+    gh, gw = h2 // self.latent_px, w2 // self.latent_px
+    g = int(self.cfg.model.max_latent_size)
+    if gh > g or gw > g:
+      raise C.ContextError(f'image too large: a {h2}x{w2} output needs a {gh}x{gw} latent grid, '
+                           f'over model.max_latent_size ({g})')
+    return gh, gw
+
+  def decode(self, ids) -> str:
+    return self.tok.decode(list(ids)).strip()
+
+
+def _as_uint8_rgb(img) -> np.ndarray:
+  a = np.asarray(img)
+  if a.ndim == 2:
+    a = np.repeat(a[..., None], 3, axis=-1)
+  if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+    raise C.ContextError(f'expected an image [H, W, 3], got shape {a.shape}')
+  if a.shape[-1] == 1:
+    a = np.repeat(a, 3, axis=-1)
+  if a.shape[-1] == 4:
+    a = a[..., :3]
+  if a.dtype != np.uint8:
+    raise C.ContextError(f'expected a uint8 image, got {a.dtype}')
+  return a
+
+
+def _add_item(b: C.BlockBuilder, r: int, it: Item):
+  if it.kind == 'text':
+    b.text(r, it.ids)
+  elif it.kind == 'vit':
+    b.vit_image(r, it.patches, it.grid)
+  elif it.kind == 'vae':
+    b.vae_image(r, it.tokens, it.grid)
+  else:
+    raise ValueError(f'unknown item kind {it.kind!r}')
+
+
+def cfg_text_cut(prompt: Sequence[Item]) -> int:
+  """Index where the "cfg_text" context stops: before the last text item, unless an image
+  follows it (then the whole prompt)."""
+  last = max((i for i, it in enumerate(prompt) if it.kind == 'text'), default=None)
+  if last is None or any(it.kind != 'text' for it in prompt[last + 1:]):
+    return len(prompt)
+  return last
+
+
+def capacity_for(programs: Sequence[Program], max_new_tokens: int) -> int:
+  need = 0
+  for p in programs:
+    n = sum(it.n_tokens for it in p.prompt)
+    n += sum(max_new_tokens + 2 for s in p.steps if s == 'text')
+    need = max(need, n)
+  return C.bucket(max(need, 1), MIN_CAPACITY)
+
+
+def run_programs(runner: Runner, programs: Sequence[Program], *,
+                 text_settings: T.TextSettings = T.TextSettings(),
+                 flow_settings: I.FlowSettings = I.TEXT_TO_IMAGE,
+                 seeds: Sequence[int] | int = 0, decode_images: bool = True
+                 ) -> list[list[StepOutput]]:
+  """Runs a batch of programs (same step kinds) and returns each program's step outputs."""
+  programs = list(programs)
+  if not programs:
+    return []
+  sig = programs[0].signature()
+  for p in programs[1:]:
+    if p.signature() != sig:
+      raise ValueError(f'programs of one batch must have the same steps; got {sig} and '
+                       f'{p.signature()}')
+  B = len(programs)
+  model, sp = runner.model, runner.specials
+  if isinstance(seeds, (int, np.integer)):
+    seeds = [int(seeds) + b for b in range(B)]
+  seeds = [int(s) for s in seeds]
+  cap = capacity_for(programs, text_settings.max_new_tokens)
+  has_image = 'image' in sig
+  empty = C.new_context(model, B, cap)
+  if has_image:
+    cuts = [cfg_text_cut(p.prompt) for p in programs]
+    b1 = C.make_builder(model, B, sp)
+    b2 = C.make_builder(model, B, sp)
+    b3 = C.make_builder(model, B, sp)
+    for r, p in enumerate(programs):
+      for i, it in enumerate(p.prompt):
+        _add_item(b1 if i < cuts[r] else b2, r, it)
+        if it.kind == 'text':
+          _add_item(b3, r, it)
+    cfg_text = C.prefill(model, empty, b1)
+    full = C.prefill(model, cfg_text, b2)
+    cfg_img = C.prefill(model, empty, b3) if flow_settings.s_img > 1.0 else None
+  else:
+    b = C.make_builder(model, B, sp)
+    for r, p in enumerate(programs):
+      for it in p.prompt:
+        _add_item(b, r, it)
+    full = C.prefill(model, empty, b)
+    cfg_text = cfg_img = None
+  outs: list[list[StepOutput]] = [[] for _ in range(B)]
+  for j, _ in enumerate(sig):
+    if sig[j] == 'text':
+      res = T.generate_text(model, full, sp, text_settings,
+                            seeds=[s * 1000 + j for s in seeds])
+      full = res.ctx
+      for r in range(B):
+        outs[r].append(StepOutput('text', tokens=res.tokens[r], text=runner.decode(res.tokens[r]),
+                                  finished=res.finished[r]))
+    else:
+      grids = [tuple(p.steps[j][1]) for p in programs]
+      lat = I.generate_latents(model, full, sp, grids, cfg_text_ctx=cfg_text, cfg_img_ctx=cfg_img,
+                               settings=flow_settings, seeds=[s * 1000 + j for s in seeds])
+      for r in range(B):
+        img = I.decode_latents(model, lat[r], grids[r]) if decode_images else None
+        outs[r].append(StepOutput('image', image=img, latents=lat[r]))
+  return outs
