@@ -33,34 +33,47 @@ def _gib(x):
   return f'{x / (1 << 30):.1f}' if x is not None else '-'
 
 
+def _row(name: str, r: dict) -> str:
+  if 'error' in r:
+    return f'| {name} | error: {r["error"][:120]} |' + ' |' * 12
+  m, b, mem = r['mesh'], r['batch'], r.get('memory', {})
+  oom = r.get('oom')
+  if oom:
+    if oom.get('required_for') == 'HLO temporaries':    # XLA stopped at the temporaries
+      temp = _gib(oom.get('used_bytes'))
+      peak = f'> {_gib(mem.get("state_bytes", 0) + oom.get("used_bytes", 0))} (OOM)'
+    else:
+      temp = '-'
+      peak = f'{_gib(oom.get("used_bytes"))} (OOM)'
+  else:
+    temp = _gib(mem.get('temp_size_in_bytes'))
+    peak = _gib(mem.get('peak_memory_in_bytes'))
+  fl, st = r.get('flops', {}), r.get('step_time', {})
+  ratio = fl.get('compiled_over_analytic')
+  cells = [f'{r["accelerator_type"]} ({r["topology"]})', f'{m["data"]}x{m["fsdp"]}x{m["tensor"]}',
+           f'{r["model"]["attention_impl"]} / {r["model"]["remat"]}',
+           f'{b["seq_len"]} x {b["packs_per_chip"]:g}', _gib(mem.get('state_bytes')), temp,
+           f'{peak} / {_gib(r["hbm"]["usable_bytes"])}', 'yes' if r['fits'] else '**no**']
+  if ratio is not None:
+    cells += [f'{ratio:.2f}', f'{st["compute_bound_s"]:.2f}', f'{st["mfu_upper_bound"]:.2f}',
+              f'{st["at_mfu"]["0.40"]:.2f}',
+              ' / '.join(str(r['collectives']['per_step'][k]) for k in
+                         ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+                          'collective-permute'))]
+  else:
+    cells += ['-', '-', '-', '-', '-']
+  cells.append(str(r.get('compile_seconds', '-')))
+  return '| ' + ' | '.join(cells) + ' |'
+
+
 def table(folder: str) -> str:
   rows = []
   for p in sorted(glob.glob(os.path.join(folder, '*.json'))):
     with open(p) as f:
-      r = json.load(f)
-    if 'error' in r:
-      rows.append(f'| {os.path.basename(p)[:-5]} | error: {r["error"][:80]} |')
-      continue
-    m, b, mem = r['mesh'], r['batch'], r.get('memory', {})
-    peak = mem.get('peak_memory_in_bytes') or r.get('oom', {}).get('used_bytes')
-    fl, st = r.get('flops', {}), r.get('step_time', {})
-    ratio = fl.get('compiled_over_analytic')
-    rows.append(
-        f'| {r["accelerator_type"]} ({r["topology"]}) | {m["data"]}x{m["fsdp"]}x{m["tensor"]} | '
-        f'{r["model"]["attention_impl"]} / {r["model"]["remat"]} | {b["seq_len"]} x '
-        f'{b["packs_per_chip"]:g} | {_gib(mem.get("state_bytes"))} | {_gib(mem.get("temp_size_in_bytes"))} | '
-        f'{_gib(peak)}{" (OOM)" if "oom" in r else ""} / {_gib(r["hbm"]["usable_bytes"])} | '
-        f'{"yes" if r["fits"] else "**no**"} | '
-        f'{ratio:.2f} | ' if ratio is not None else '- | ')
-    if ratio is not None:
-      rows[-1] += (f'{st["compute_bound_s"]:.2f} | {st["mfu_upper_bound"]:.2f} | '
-                   f'{st["at_mfu"]["0.40"]:.2f} | '
-                   f'{sum(r["collectives"]["static"].values())} | {r.get("compile_seconds", "-")} |')
-    else:
-      rows[-1] += f'- | - | - | - | {r.get("compile_seconds", "-")} |'
+      rows.append(_row(os.path.basename(p)[:-5], json.load(f)))
   head = ('| slice | mesh d x f x t | attention / remat | seq x packs/chip | state GiB/chip | '
           'temp GiB | peak / usable GiB | fits | compiled/analytic FLOPs | step >= s | '
-          'MFU <= | step @40% MFU s | collectives (static) | compile s |\n'
+          'MFU <= | step @40% MFU s | collectives/step AG / RS / AR / A2A / CP | compile s |\n'
           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   return head + '\n' + '\n'.join(rows)
 

@@ -67,6 +67,108 @@ def loadavg() -> list[float]:
     return []
 
 
+# ---------------------------------------------------------------------------------- what-ifs
+# In-process monkeypatches that measure proposed model changes WITHOUT editing the model (off by
+# default; the result JSON lists the ones applied). XLA:CPU runs a dot natively in bf16 only as
+# bf16 x bf16 -> f32 (YNNPACK); a bf16 x bf16 -> bf16 dot (jnp.dot of two bf16 arrays) is
+# converted to an f32 x f32 dot, and so are the backward dots that JAX derives from a
+# preferred_element_type=f32 dot. `lowp_einsum` keeps inputs in the compute dtype and
+# accumulates in f32 in the forward AND both backward products (custom_vjp).
+
+WHAT_IFS = ('bf16_dots', 'bf16_attention')
+
+
+def lowp_einsum(eq: str, a, b):
+  """einsum(eq, a, b) in a's dtype with f32 accumulation (f32 result), in forward and backward.
+  Every index of `eq` must appear in at least two of its three terms (true for matmuls and the
+  attention contractions)."""
+  ins, out = eq.split('->')
+  ia, ib = ins.split(',')
+  f32 = jnp.float32
+
+  @jax.custom_vjp
+  def f(a, b):
+    return jnp.einsum(eq, a, b, preferred_element_type=f32)
+
+  def fwd(a, b):
+    return f(a, b), (a, b)
+
+  def bwd(res, g):
+    a, b = res
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f'{out},{ib}->{ia}', g, b, preferred_element_type=f32).astype(a.dtype)
+    db = jnp.einsum(f'{ia},{out}->{ib}', a, g, preferred_element_type=f32).astype(b.dtype)
+    return da, db
+
+  f.defvjp(fwd, bwd)
+  return f(a, b)
+
+
+def apply_what_ifs(names) -> None:
+  from unimedvl_jax.model import attention as attn_lib
+  from unimedvl_jax.model import layers, unimedvl
+  for name in names:
+    if name == 'bf16_dots':
+      def linear_call(self, x):
+        x = x.astype(self.dtype)
+        w = self.kernel[...].astype(self.dtype)
+        lead = x.shape[:-1]
+        y = lowp_einsum('mk,kn->mn', x.reshape(-1, x.shape[-1]), w).astype(self.dtype)
+        y = y.reshape(lead + (w.shape[1],))
+        if self.bias is not None:
+          y = y + self.bias[...].astype(self.dtype)
+        return y
+      layers.Linear.__call__ = linear_call
+      orig_ce = unimedvl.chunked_cross_entropy
+
+      def ce(h, w, labels, mask, chunk, dtype):
+        # same as chunked_cross_entropy, with the lm_head dot in lowp_einsum
+        Hd = h.shape[-1]
+        hf, lf = h.reshape(-1, Hd), labels.reshape(-1)
+        mf = mask.reshape(-1).astype(jnp.float32)
+        n = hf.shape[0]
+        chunk = max(1, min(chunk, n))
+        pad = (-n) % chunk
+        if pad:
+          hf, lf, mf = jnp.pad(hf, ((0, pad), (0, 0))), jnp.pad(lf, (0, pad)), jnp.pad(mf, (0, pad))
+        hc, lc, mc = hf.reshape(-1, chunk, Hd), lf.reshape(-1, chunk), mf.reshape(-1, chunk)
+        wd = w.astype(dtype)
+
+        @jax.checkpoint
+        def one(args):
+          hh, ll, mm = args
+          logits = lowp_einsum('mk,kn->mn', hh.astype(dtype), wd)
+          lse = jax.nn.logsumexp(logits, axis=-1)
+          tgt = jnp.take_along_axis(logits, ll[:, None], axis=-1)[:, 0]
+          return jnp.sum((lse - tgt) * mm)
+        if hc.shape[0] == 1:
+          return one((hc[0], lc[0], mc[0]))
+        return jnp.sum(jax.lax.map(one, (hc, lc, mc)))
+      ce.__wrapped__ = orig_ce
+      unimedvl.chunked_cross_entropy = ce
+    elif name == 'bf16_attention':
+      def masked_attention(q, k, v, mask, scale=None):
+        # masked_attention with QK^T and PV in q's dtype, f32 accumulation, softmax in f32
+        B, Tq, Hq, D = q.shape
+        Hkv = k.shape[2]
+        G = Hq // Hkv
+        scale = D ** -0.5 if scale is None else scale
+        qg = q.reshape(B, Tq, Hkv, G, D)
+        logits = lowp_einsum('bqhgd,bkhd->bhgqk', qg, k.astype(q.dtype)) * scale
+        m = mask[:, None, None, :, :]
+        logits = jnp.where(m, logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        p = p / jnp.where(denom > 0, denom, 1.0)
+        out = lowp_einsum('bhgqk,bkhd->bqhgd', p.astype(q.dtype), v.astype(q.dtype))
+        return out.reshape(B, Tq, Hq, D).astype(q.dtype)
+      attn_lib.masked_attention = masked_attention
+    else:
+      raise ValueError(f'unknown --what_if {name!r}; choose from {WHAT_IFS}')
+
+
 # ---------------------------------------------------------------------------------- batches
 
 def pipeline_batches(cfg, n: int, data_dir: str) -> list[dict]:
@@ -150,24 +252,119 @@ def vit_pairs(batch) -> float:
 
 # ---------------------------------------------------------------------------------- profile
 
-def top_ops(trace_dir: str, k: int = 25) -> dict:
-  """Aggregates the per-op events of a jax.profiler trace (.xplane.pb) by name."""
+_RUNTIME_EVENTS = ('SlinkyThreadPool', 'ThunkExecutor', 'Wait for', 'PjitFunction',
+                   'ExecuteHelper', 'stop_trace', 'start_trace', 'PjRt', 'Execute')
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its metadata op_name (the JAX source op), from compiled.as_text()."""
+  import re
+  out = {}
+  pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+  for line in hlo_text.splitlines():
+    m = pat.match(line)
+    if m:
+      out[m.group(1)] = m.group(2)
+  return out
+
+
+def top_ops(trace_dir: str, k: int = 25, hlo_text: str | None = None) -> dict:
+  """Per-op CPU time of a jax.profiler trace (.xplane.pb), summed over threads, by HLO name.
+
+  Thread-summed: on a multi-threaded CPU backend the sum exceeds wall time. Runtime bookkeeping
+  events are dropped; with `hlo_text`, each op carries its JAX op_name."""
   import glob
   from jax.profiler import ProfileData
-  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
+                 key=os.path.getmtime)
   if not files:
     return {'error': f'no .xplane.pb under {trace_dir}'}
   prof = ProfileData.from_file(files[-1])
   agg: dict[str, list] = {}
   for plane in prof.planes:
     for line in plane.lines:
+      if line.name == 'python':
+        continue
       for ev in line.events:
         name = ev.name
-        a = agg.setdefault(f'{plane.name}|{line.name}|{name}', [0, 0.0])
+        if name.startswith('end: ') or any(r in name for r in _RUNTIME_EVENTS):
+          continue
+        a = agg.setdefault(name, [0, 0.0])
         a[0] += 1
         a[1] += ev.duration_ns / 1e6
+  names = hlo_op_names(hlo_text) if hlo_text else {}
+  total = sum(ms for _, ms in agg.values())
   items = sorted(agg.items(), key=lambda kv: -kv[1][1])[:k]
-  return {name: {'count': c, 'ms': round(ms, 2)} for name, (c, ms) in items}
+  ops = [{'op': n, 'count': c, 'ms': round(ms, 1), 'frac': round(ms / total, 4),
+          'source': names.get(n, '')[-160:]} for n, (c, ms) in items]
+  return {'total_op_ms_thread_summed': round(total, 1), 'top': ops}
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (output type string, metadata op_name)."""
+  import re
+  out = {}
+  pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+)')
+  opn = re.compile(r'op_name="([^"]*)"')
+  for line in hlo_text.splitlines():
+    m = pat.match(line)
+    if m:
+      o = opn.search(line)
+      out[m.group(1)] = (m.group(2), o.group(1) if o else '')
+  return out
+
+
+def op_category(name: str, shape: str, source: str, T: int, P: int) -> str:
+  """A coarse cost bucket for one executed HLO op (from its name, output shape and source)."""
+  dims = shape.split('[', 1)[-1].split(']', 1)[0]
+  tt = f'{T},{T}' in dims or (f'{T},' in dims and dims.endswith(f',{T * 4}')) or 'bhgqk' in source \
+      or 'bqhgd' in source
+  if 'conv' in source:
+    return 'vae_conv'
+  if tt:
+    return 'llm_attention_TxT'
+  if f'{P},{P}' in dims:
+    return 'vit_attention_PxP'
+  if 'ynn_fusion' in name or 'dot' in name:
+    return 'matmul'
+  if 'gather' in name or 'scatter' in name or 'gather' in source or 'scatter' in source:
+    return 'gather_scatter'
+  if 'dynamic-update-slice' in name or 'dynamic-slice' in name or 'dynamic_slice' in source:
+    return 'scan_slices'
+  if name.startswith('copy') or 'transpose' in name:
+    return 'copies_transposes'
+  if 'convert' in name:
+    return 'converts_fusions'
+  return 'other_elementwise'
+
+
+def op_categories(trace_dir: str, hlo_text: str, T: int, P: int) -> dict:
+  """Thread-summed op time of the trace per op_category."""
+  import glob
+  from jax.profiler import ProfileData
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
+                 key=os.path.getmtime)
+  prof = ProfileData.from_file(files[-1])
+  ops = hlo_ops(hlo_text)
+  agg: dict[str, float] = {}
+  for plane in prof.planes:
+    for line in plane.lines:
+      if line.name == 'python':
+        continue
+      for ev in line.events:
+        n = ev.name
+        if n.startswith('end: ') or any(r in n for r in _RUNTIME_EVENTS) or n.startswith(
+            'Threadpool') or n not in ops:
+          continue
+        shape, src = ops[n]
+        if n.startswith('while') or n.startswith('call') or n.startswith('conditional'):
+          continue                     # containers: their bodies' ops are counted themselves
+        c = op_category(n, shape, src, T, P)
+        agg[c] = agg.get(c, 0.0) + ev.duration_ns / 1e6
+  total = sum(agg.values())
+  return {'total_ms_thread_summed': round(total, 1),
+          **{k: {'ms': round(v, 1), 'frac': round(v / total, 4)}
+             for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -177,9 +374,11 @@ def bench(args) -> dict:
                else args.config, 'dtype': args.dtype, 'remat': args.remat,
                'backend': jax.default_backend(), 'devices': jax.device_count(),
                'loadavg_start': loadavg(), 'overrides': list(args.override)}
+  apply_what_ifs(args.what_if)
+  out['what_if'] = list(args.what_if)
   cfg = load_cfg(args)
   spec = batch_spec(cfg)
-  n_batches = args.warmup + args.steps
+  n_batches = args.warmup + args.steps + (1 if args.profile else 0)
   t0 = time.perf_counter()
   if args.source == 'pipeline':
     try:
@@ -200,7 +399,7 @@ def bench(args) -> dict:
                        S=d.vae_buffer_size)
 
   # ---- analytic model FLOPs of the timed batches (exact attention pairs)
-  timed = batches[args.warmup:]
+  timed = batches[args.warmup:args.warmup + args.steps]
   per = []
   for b in timed:
     per.append(profiling.model_flops_per_step(cfg, attn_pairs=profiling.allowed_pairs(b),
@@ -233,6 +432,7 @@ def bench(args) -> dict:
   out['compile_s'] = round(t2 - t1, 2)
   out['cost_analysis_scanned'] = profiling.compiled_cost(compiled)
   out['memory_analysis'] = profiling.compiled_memory(compiled)
+  hlo_text = compiled.as_text() if (args.dump_hlo or args.profile) else None
   if args.dump_hlo:
     profiling.dump_hlo(compiled, args.dump_hlo)
 
@@ -249,7 +449,7 @@ def bench(args) -> dict:
   times = []
   losses = []
   for i, b in enumerate(dev_batches):
-    prof = args.profile and i == args.warmup
+    prof = args.profile and i == args.warmup + args.steps     # one extra, traced step
     if prof:
       jax.profiler.start_trace(args.profile)
     s0 = time.perf_counter()
@@ -305,7 +505,9 @@ def bench(args) -> dict:
     out['compiled_fraction_of_peak'] = cf / med / peak
     del comp_u
   if args.profile:
-    out['profile_top_ops'] = top_ops(args.profile, args.profile_top)
+    out['profile_top_ops'] = top_ops(args.profile, args.profile_top, hlo_text)
+    out['profile_categories'] = op_categories(args.profile, hlo_text, d.seq_len,
+                                              d.max_vit_patches)
   out['loadavg_end'] = loadavg()
   return out
 
@@ -327,7 +529,10 @@ def main(argv=None):
                   help='also compile with scan_layers=False for cost_analysis FLOPs')
   ap.add_argument('--override', action='append', default=[],
                   help="config override 'a.b=value' (repeatable)")
-  ap.add_argument('--profile', default=None, help='trace the first timed step into this dir')
+  ap.add_argument('--what_if', action='append', default=[], choices=WHAT_IFS,
+                  help='measure a proposed model change by monkeypatching it in (repeatable)')
+  ap.add_argument('--profile', default=None,
+                  help='trace one extra step (after the timed ones) into this dir; top ops')
   ap.add_argument('--profile_top', type=int, default=25)
   ap.add_argument('--dump_hlo', default=None, help='write the compiled HLO here')
   ap.add_argument('--json', default=None, help='also write the result here')

@@ -548,6 +548,14 @@ def _oom_numbers(msg: str) -> dict[str, Any]:
   m = re.search(r'Exceeded\s+\w+\s+capacity\s+by\s+([\d.]+)([KMGT])', msg)
   if m:
     out['exceeded_by_bytes'] = int(float(m.group(1)) * unit[m.group(2)])
+  # 'the total memory required for HLO temporaries (24.35G) exceeds available HBM (15.75G)'
+  m = re.search(r'required for ([\w ]+?)\s*\(([\d.]+)([KMGT])\)\s*exceeds available\s+(\w+)\s*'
+                r'\(([\d.]+)([KMGT])\)', msg)
+  if m:
+    out['required_for'] = m.group(1)
+    out['used_bytes'] = int(float(m.group(2)) * unit[m.group(3)])
+    out['capacity_bytes'] = int(float(m.group(5)) * unit[m.group(6)])
+    out['memory_space'] = m.group(4)
   first = [l for l in msg.splitlines() if l.strip()]
   out['message'] = ' '.join(first[:3])[:600]
   return out

@@ -119,13 +119,14 @@ FSDP_UNNAMED_MIN_BYTES = 1 << 20
 def unnamed_spec(shape: Sequence[int], itemsize: int, mesh: Mesh) -> P:
   """PartitionSpec of a variable without logical names (see FSDP_UNNAMED_MIN_BYTES)."""
   n = mesh.shape.get('fsdp', 1)
+  whole = P(*([None] * len(shape)))
   if n <= 1 or math.prod(shape) * itemsize < FSDP_UNNAMED_MIN_BYTES:
-    return P()
+    return whole
   dims = sorted(range(len(shape)), key=lambda i: (-shape[i], -i))
   for i in dims:
     if shape[i] % n == 0:
       return P(*[('fsdp' if j == i else None) for j in range(len(shape))])
-  return P()
+  return whole
 
 
 def state_shardings(state, mesh: Mesh):

@@ -103,3 +103,24 @@ def test_losses_are_sums_over_global_token_counts(setup):
   assert abs(float(out.ce) - expected) < 1e-4
   assert abs(expected - per_row_mean) > 1e-4   # the two conventions differ on this batch
   assert float(out.ce_tokens) == 4 + 21
+
+
+def test_pallas_attention_gives_the_same_loss_and_gradients():
+  """attention_impl 'pallas' (interpret mode on CPU) vs 'xla' for the whole model (decoder + ViT)."""
+  base = ['data.batch_size=1', 'model.llm.num_layers=1', 'data.seq_len=128',
+          'data.max_latent_tokens=32', 'data.max_vit_patches=32', 'data.max_vae_images=3',
+          'model.vit.num_layers=1']
+  samples = [[[('text', 3, False), ('vit', 2, 2), ('vae', 2, 2, False), ('vae', 2, 1, True),
+               ('text', 4, True)], [('text', 5, True)]]]
+  out = {}
+  for impl in ('xla', 'pallas'):
+    cfg = load_config_file(CFG, base + [f'model.attention_impl={impl}'])
+    model = UniMedVL(cfg.model, rngs=nnx.Rngs(0))
+    model.llm2vae.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.llm2vae.kernel.shape)
+    graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
+    b = {k: jnp.asarray(v) for k, v in build_batch(cfg, samples, seed=7).items()}
+    loss, g = jax.jit(jax.value_and_grad(loss_fn(graphdef, buffers)))(params, b, jax.random.key(0))
+    out[impl] = (float(loss), {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(g)})
+  assert abs(out['xla'][0] - out['pallas'][0]) < 1e-5 * max(1.0, abs(out['xla'][0]))
+  for k, v in out['xla'][1].items():
+    np.testing.assert_allclose(out['pallas'][1][k], v, rtol=2e-4, atol=2e-6, err_msg=k)

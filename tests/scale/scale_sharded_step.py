@@ -48,6 +48,11 @@ def main():
 
   assert jax.device_count() == 8, jax.devices()
   cfg = small_config(data_root)
+  # AdamW's first step moves every parameter by ~lr * g / (|g| + eps): with the default eps 1e-15
+  # a parameter whose gradient is ~0 moves by +-lr on the sign of round-off, so the comparison
+  # of updated parameters uses eps 1e-4 (well conditioned); the gradients themselves are compared
+  # through the first moments (mu = (1 - b1) * g) in 'opt_state'.
+  cfg.train.eps = 1e-4
   tc = stage_train_config(cfg, 'foundation')
   it = pipeline.make_train_iterator(cfg, 'foundation')
   host_batch = next(it)
@@ -86,8 +91,8 @@ def main():
   show = {}
   for path, v in flat.items():
     key = '/'.join(map(str, path))
-    if key in ('embed_tokens', 'lm_head/kernel', 'decoder/layers/und/mlp/gate/kernel',
-               'decoder/layers/und/q_proj/kernel', 'vit/layers/mlp/fc1/kernel'):
+    if key in ('embed_tokens', 'lm_head/kernel', 'decoder/layers/und/mlp/gate_proj/kernel',
+               'decoder/layers/und/q_proj/kernel', 'vit/encoder/layers/mlp/fc1/kernel'):
       arr = v[...]
       show[key] = {'spec': str(arr.sharding.spec), 'shape': list(arr.shape),
                    'shard': list(arr.addressable_shards[0].data.shape)}

@@ -103,9 +103,14 @@ def test_gradient_accumulation_matches_full_batch(env):
   acc, m2 = run_step(cfg, graphdef, state, batch, tc2)
   np.testing.assert_allclose(float(m1['ce']), float(m2['ce']), rtol=1e-5)
   np.testing.assert_allclose(float(m1['grad_norm']), float(m2['grad_norm']), rtol=1e-4)
-  a, b = flat_np(full['params']), flat_np(acc['params'])
-  for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+  # Adam's first moment after one step is (1 - b1) * clipped gradient: compare the gradients
+  # there (the first Adam update itself is ~lr * sign(g), too sensitive to rounding near g = 0)
+  ga = [np.asarray(x) for x in jax.tree.leaves(full['opt_state'])]
+  gb = [np.asarray(x) for x in jax.tree.leaves(acc['opt_state'])]
+  assert len(ga) == len(gb)
+  scale = max(float(np.max(np.abs(x))) for x in ga)   # leaves of pure rounding noise exist
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_lr_schedule_warmup_and_cosine():

@@ -24,7 +24,7 @@ import numpy as np
 
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
-from unimedvl_jax.infer.runner import Item, Program, Runner, run_programs
+from unimedvl_jax.infer.runner import Program, Runner, run_programs
 
 IMAGE_PLACEHOLDER = '<image>'
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'

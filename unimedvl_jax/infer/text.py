@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.infer.context import (Block, Context, ContextError, Specials, check_capacity,
+from unimedvl_jax.infer.context import (Block, Context, Specials, check_capacity,
                                         forward_block)
 from unimedvl_jax.model.attention import MODE_CAUSAL
 

@@ -31,7 +31,7 @@ def main(argv):
   summary = train(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
   print(json.dumps({'train': summary}, default=str))
   if FLAGS.evaluate and not summary.get('preempted'):
-    from unimedvl_jax.eval.harness import evaluate_workdir
+    from unimedvl_jax.eval.report import evaluate_workdir
     report = evaluate_workdir(FLAGS.workdir, split='test', max_per_task=FLAGS.eval_samples)
     print(json.dumps({'eval_report': os.path.join(FLAGS.workdir, 'eval', 'report.json'),
                       'headline': report.get('headline', {})}, indent=1, default=str))
