@@ -268,6 +268,7 @@ class _Instr:
   out: str           # result type text
   operands: list     # operand names (or inline 'type %name' texts)
   attrs: str
+  root: bool = False
 
 
 def _operand_dims(operand: str, shapes: dict[str, str]) -> list[int] | None:
@@ -380,7 +381,8 @@ def _parse_hlo(text: str):
     if cur is None:
       continue
     s = line.strip()
-    if s.startswith('ROOT '):
+    is_root = s.startswith('ROOT ')
+    if is_root:
       s = s[5:]
     if ' = ' not in s:
       continue
@@ -392,7 +394,7 @@ def _parse_hlo(text: str):
       continue
     args, attrs = _call_args(rest)
     shapes[name] = out_type
-    comps[cur].append(_Instr(name, mo.group(1), out_type, _split_top(args), attrs))
+    comps[cur].append(_Instr(name, mo.group(1), out_type, _split_top(args), attrs, is_root))
   if entry is None:
     raise ValueError('no ENTRY computation in the HLO text')
   return comps, shapes, entry
@@ -441,14 +443,42 @@ def _trip_count(ins: _Instr, comps, by_name) -> int | None:
         start = int(el.operands[0])
       except ValueError:
         start = 0
+  step = _counter_step(ins, comps, by_name, int(idx.group(1)) if idx else None)
+  if step is None or step <= 0:
+    return None
   if direction == 'LT':
-    return max(0, limit - start)
+    return max(0, -(-(limit - start) // step))
   if direction == 'LE':
-    return max(0, limit - start + 1)
+    return max(0, (limit - start) // step + 1)
   return None
 
 
-def analyze_hlo(text: str) -> dict[str, Any]:
+def _counter_step(ins: _Instr, comps, by_name, idx: int | None) -> int | None:
+  """The constant the loop body adds to tuple element `idx` (the counter) per iteration."""
+  mb = re.search(r'body=%?([\w.\-]+)', ins.attrs)
+  if idx is None or not mb or mb.group(1) not in comps:
+    return None
+  body = comps[mb.group(1)]
+  roots = [i for i in body if i.root] or body[-1:]
+  if not roots or roots[0].op != 'tuple' or idx >= len(roots[0].operands):
+    return None
+  name = lambda o: o.split()[-1].lstrip('%')
+  upd = by_name.get(name(roots[0].operands[idx]))
+  while upd is not None and upd.op in ('copy', 'bitcast') and upd.operands:
+    upd = by_name.get(name(upd.operands[0]))
+  if upd is None or upd.op != 'add' or len(upd.operands) != 2:
+    return None
+  for o in upd.operands:
+    c = by_name.get(name(o))
+    if c is not None and c.op == 'constant' and c.operands:
+      try:
+        return int(c.operands[0])
+      except ValueError:
+        return None
+  return None
+
+
+def analyze_hlo(text: str, *, breakdown: bool = False) -> dict[str, Any]:
   """Optimized HLO text -> matmul FLOPs and collective counts, weighted by loop trip counts.
 
   Every computation's multiplicity is the sum over its call sites of the caller's multiplicity
@@ -507,6 +537,8 @@ def analyze_hlo(text: str) -> dict[str, Any]:
 
   flops = 0.0
   flops_custom = 0.0
+  by_op: dict[str, float] | None = {} if breakdown else None
+  coll_by_op: dict[str, float] = {}
   static = {k: 0 for k in COLLECTIVES}
   per_step = {k: 0.0 for k in COLLECTIVES}
   for c, instrs in comps.items():
@@ -522,10 +554,28 @@ def analyze_hlo(text: str) -> dict[str, Any]:
         if op == 'custom-call':
           flops_custom += w * f
         flops += w * f
-  return {'flops': flops, 'flops_custom_calls': flops_custom,
+        if f and by_op is not None:
+          m = re.search(r'op_name="([^"]*)"', ins.attrs)
+          key = _op_key(m.group(1) if m else f'<{op}>')
+          by_op[key] = by_op.get(key, 0.0) + w * f
+        if base in static and by_op is not None and not op.endswith('-done'):
+          m = re.search(r'op_name="([^"]*)"', ins.attrs)
+          key = f'{base} @ {_op_key(m.group(1)) if m else "?"}'
+          coll_by_op[key] = coll_by_op.get(key, 0.0) + w
+  out = {'flops': flops, 'flops_custom_calls': flops_custom,
           'collectives': {'static': static, 'per_step': {k: int(v) for k, v in per_step.items()}},
           'while_trip_counts': sorted(trips), 'unknown_trip_counts': unknown,
           'computations': len(comps)}
+  if by_op is not None:
+    out['flops_by_op'] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    out['collectives_by_op'] = dict(sorted(coll_by_op.items(), key=lambda kv: -kv[1]))
+  return out
+
+
+def _op_key(op_name: str) -> str:
+  """'jit(wrapped)/while/body/closed_call/jvp()/dot_general' -> 'while/jvp()/dot_general'."""
+  parts = [p for p in op_name.split('/') if p not in ('jit(wrapped)', 'body', 'closed_call')]
+  return '/'.join(parts[-4:])
 
 
 # ------------------------------------------------------------------------------ the plan

@@ -281,7 +281,27 @@ def maybe_initialize_distributed() -> bool:
   if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
+  if jax.devices()[0].platform == 'cpu':
+    _warm_up_cpu_collectives()
   if jax.process_index() == 0:
     print(f'distributed ({kind}): {jax.process_count()} processes, '
           f'{jax.device_count()} devices ({jax.local_device_count()} per process)', flush=True)
   return True
+
+
+def _warm_up_cpu_collectives() -> None:
+  """One all-device sum right after initialisation, while the processes are in step.
+
+  XLA's gloo collectives create a context per set of participating devices, lazily, at the first
+  collective over that set, with a fixed 30 s rendezvous timeout; processes whose compiles of the
+  train step finish more than 30 s apart (a loaded CPU host) would fail there. The context of
+  the all-device set is cached and reused by every later computation over all devices.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ('all',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.make_array_from_process_local_data(NamedSharding(mesh, P('all')),
+                                             np.ones((jax.local_device_count(),), np.float32))
+  total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
+  if int(total) != jax.device_count():
+    raise RuntimeError(f'CPU collectives warm-up: sum over {jax.device_count()} devices gave '
+                       f'{float(total)}')

@@ -77,6 +77,11 @@ class ConcatIterator:
     for p, s in zip(self.parts, state['parts']):
       p.set_state(s)
 
+  def close(self):
+    for p in self.parts:
+      if hasattr(p, 'close'):
+        p.close()
+
 
 def main():
   workdir, data_root, mode = sys.argv[1:4]

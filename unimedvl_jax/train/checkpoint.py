@@ -37,23 +37,35 @@ class CheckpointError(RuntimeError):
 
 # ------------------------------------------------------------------ nnx state <-> string-key trees
 
+def _key_str(k) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _paths(x):
+  """[(tuple of string keys, leaf)] in jax's flatten order (nnx.State, namedtuples included);
+  an nnx Variable is one leaf named by its path (no trailing 'value')."""
+  is_var = lambda v: isinstance(v, nnx.Variable)
+  x = jax.tree.map(lambda v: v.get_value() if is_var(v) else v, x,
+                   is_leaf=lambda v: v is None or is_var(v))
+  flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda v: v is None)
+  return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in flat if leaf is not None]
+
+
 def to_tree(x) -> Any:
-  """nnx.State / pytree -> nested dicts with string keys and raw array leaves (Orbax-friendly)."""
-  if isinstance(x, nnx.State):
-    x = nnx.to_pure_dict(x)
-  return _stringify(x)
-
-
-def _stringify(x):
-  if isinstance(x, dict):
-    return {str(k): _stringify(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)) and not hasattr(x, '_fields'):
-    return {str(i): _stringify(v) for i, v in enumerate(x)}
-  if hasattr(x, '_fields'):   # namedtuple (optax states)
-    return {f: _stringify(getattr(x, f)) for f in x._fields}
-  if isinstance(x, nnx.Variable):
-    return x[...]
-  return x
+  """Any pytree (nnx.State, optax states, dicts) -> nested dicts with string keys and array
+  leaves (Orbax-friendly; empty containers vanish)."""
+  out: dict = {}
+  for keys, leaf in _paths(x):
+    if not keys:
+      return leaf
+    node = out
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = leaf
+  return out
 
 
 def flat_keys(tree, prefix=()) -> dict[tuple, Any]:
@@ -67,30 +79,12 @@ def flat_keys(tree, prefix=()) -> dict[tuple, Any]:
 
 
 def from_tree(tree, template):
-  """Fills `template` (same structure as given to to_tree) with the leaves of a string-key tree."""
+  """Fills `template`'s structure with the leaves of a string-key tree (strict key check)."""
   flat = flat_keys(tree)
-  tmpl_tree = to_tree(template)
-  tmpl_flat = flat_keys(tmpl_tree)
-  _check_keys(set(flat), set(tmpl_flat), 'restored tree')
-  leaves_in_order = [flat[k] for k in _ordered_keys(tmpl_tree)]
-  return jax.tree.unflatten(jax.tree.structure(template), leaves_in_order)
-
-
-def _ordered_keys(tree, prefix=()):
-  """Keys of a stringified tree in the leaf order of the original pytree (jax sorts dict keys)."""
-  # The original pytree and its stringified form flatten in the same order except that jax
-  # sorts dict keys by their original type (ints numerically). Recover that order.
-  if isinstance(tree, dict):
-    keys = list(tree.keys())
-    try:
-      keys = sorted(keys, key=lambda s: (0, int(s)) if s.lstrip('-').isdigit() else (1, s))
-    except ValueError:
-      keys = sorted(keys)
-    out = []
-    for k in keys:
-      out += _ordered_keys(tree[k], prefix + (k,))
-    return out
-  return [prefix]
+  tmpl = _paths(template)
+  _check_keys(set(flat), {k for k, _ in tmpl}, 'restored tree')
+  treedef = jax.tree_util.tree_structure(template, is_leaf=lambda v: v is None)
+  return jax.tree_util.tree_unflatten(treedef, [flat[k] for k, _ in tmpl])
 
 
 def _check_keys(got: set, want: set, what: str):
@@ -103,12 +97,17 @@ def _check_keys(got: set, want: set, what: str):
         f'unexpected: {extra[:20]}{" ..." if len(extra) > 20 else ""}')
 
 
-def _abstract(tree, shardings=None):
+def _abstract(template, shardings=None):
+  """String-key tree of ShapeDtypeStructs for `template`; `shardings` may be a prefix tree
+  (e.g. one NamedSharding per nnx Variable)."""
   def one(x, s=None):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
   if shardings is None:
-    return jax.tree.map(one, tree)
-  return jax.tree.map(one, tree, shardings)
+    return to_tree(jax.tree.map(one, template))
+  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)
+  full = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, template,
+                      is_leaf=is_sh)
+  return to_tree(jax.tree.map(one, template, full))
 
 
 # ------------------------------------------------------------------------------ the manager
@@ -194,9 +193,8 @@ class Checkpointer:
       _check_keys(got, want, f'checkpoint {self.directory}/{step} item {k!r}')
     args = {}
     for k in items:
-      tree = to_tree(template_state[k])
-      sh = to_tree(shardings[k]) if shardings is not None and k in shardings else None
-      args[k] = ocp.args.StandardRestore(_abstract(tree, sh))
+      sh = shardings[k] if shardings is not None and k in shardings else None
+      args[k] = ocp.args.StandardRestore(_abstract(template_state[k], sh))
     args['data'] = ocp.args.JsonRestore()
     args['config'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))

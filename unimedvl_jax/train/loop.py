@@ -257,6 +257,8 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
           return summary
       if bar is not None:
         bar.close()
+      if hasattr(it, 'close'):
+        it.close()
       summary['stages'].append({'name': st['name'], 'end_step': step})
       if stop_at is not None and step >= stop_at:
         break
