@@ -38,6 +38,7 @@ def _row(name: str, r: dict) -> str:
     return f'| {name} | error: {r["error"][:120]} |' + ' |' * 12
   m, b, mem = r['mesh'], r['batch'], r.get('memory', {})
   oom = r.get('oom')
+  fits_c = False
   if oom:
     if oom.get('required_for') == 'HLO temporaries':    # XLA stopped at the temporaries
       temp = _gib(oom.get('used_bytes'))
@@ -46,14 +47,17 @@ def _row(name: str, r: dict) -> str:
       temp = '-'
       peak = f'{_gib(oom.get("used_bytes"))} (OOM)'
   else:
+    from unimedvl_jax.aot import conservative_bytes
     temp = _gib(mem.get('temp_size_in_bytes'))
-    peak = _gib(mem.get('peak_memory_in_bytes'))
+    peak = f'{_gib(mem.get("peak_memory_in_bytes"))} ({_gib(conservative_bytes(mem))})'
+    fits_c = conservative_bytes(mem) <= r['hbm']['usable_bytes']
   fl, st = r.get('flops', {}), r.get('step_time', {})
   ratio = fl.get('compiled_over_analytic')
   cells = [f'{r["accelerator_type"]} ({r["topology"]})', f'{m["data"]}x{m["fsdp"]}x{m["tensor"]}',
            f'{r["model"]["attention_impl"]} / {r["model"]["remat"]}',
-           f'{b["seq_len"]} x {b["packs_per_chip"]:g}', _gib(mem.get('state_bytes')), temp,
-           f'{peak} / {_gib(r["hbm"]["usable_bytes"])}', 'yes' if r['fits'] else '**no**']
+           f'{b["seq_len"]} x {b["batch_size"]}', _gib(mem.get('state_bytes')), temp,
+           f'{peak} / {_gib(r["hbm"]["usable_bytes"])}',
+           ('yes' if fits_c else 'yes (tight)') if r['fits'] else '**no**']
   if ratio is not None:
     cells += [f'{ratio:.2f}', f'{st["compute_bound_s"]:.2f}', f'{st["mfu_upper_bound"]:.2f}',
               f'{st["at_mfu"]["0.40"]:.2f}',
@@ -71,8 +75,8 @@ def table(folder: str) -> str:
   for p in sorted(glob.glob(os.path.join(folder, '*.json'))):
     with open(p) as f:
       rows.append(_row(os.path.basename(p)[:-5], json.load(f)))
-  head = ('| slice | mesh d x f x t | attention / remat | seq x packs/chip | state GiB/chip | '
-          'temp GiB | peak / usable GiB | fits | compiled/analytic FLOPs | step >= s | '
+  head = ('| slice | mesh d x f x t | attention / remat | tokens/pack x packs/step | state GiB/chip | '
+          'temp GiB | peak (conservative) / usable GiB | fits | compiled/analytic FLOPs | step >= s | '
           'MFU <= | step @40% MFU s | collectives/step AG / RS / AR / A2A / CP | compile s |\n'
           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   return head + '\n' + '\n'.join(rows)

@@ -75,7 +75,7 @@ def loadavg() -> list[float]:
 # preferred_element_type=f32 dot. `lowp_einsum` keeps inputs in the compute dtype and
 # accumulates in f32 in the forward AND both backward products (custom_vjp).
 
-WHAT_IFS = ('bf16_dots', 'bf16_attention')
+WHAT_IFS = ('bf16_dots', 'bf16_attention', 'blocked_attention')
 
 
 def lowp_einsum(eq: str, a, b):
@@ -102,6 +102,64 @@ def lowp_einsum(eq: str, a, b):
 
   f.defvjp(fwd, bwd)
   return f(a, b)
+
+
+def blocked_attention(q, k, v, seg, split, mode, *, scale=None, block=128):
+  """Flash-style attention in plain XLA: query blocks (lax.map, rematerialised) x key blocks
+  (lax.scan with online softmax); a key block with no allowed pair is skipped with lax.cond
+  (at run time, forward and backward). Matmuls in q's dtype with f32 accumulation (lowp_einsum)."""
+  from unimedvl_jax.model.attention import allowed
+  B, T, Hq, D = q.shape
+  Hkv = k.shape[2]
+  G = Hq // Hkv
+  scale = D ** -0.5 if scale is None else scale
+  pad = (-T) % block
+  if pad:
+    p2 = lambda a, c=0: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=c)
+    q, k, v = p2(q), p2(k), p2(v)
+    seg = p2(seg)            # padding: segment 0 (sees nothing, seen by nothing)
+    split, mode = p2(split, jnp.max(split) + 1), p2(mode)
+  Tp = T + pad
+  nb = Tp // block
+  idx = jnp.arange(Tp, dtype=jnp.int32)
+  f32 = jnp.float32
+  kb = k.reshape(B, nb, block, Hkv, D).swapaxes(0, 1)
+  vb = v.reshape(B, nb, block, Hkv, D).swapaxes(0, 1)
+  metab = lambda a: a.reshape(B, nb, block).swapaxes(0, 1)
+  kmeta = (metab(seg), metab(split), metab(mode), idx.reshape(nb, block))
+
+  @jax.checkpoint
+  def q_block(args):
+    qb, qs, qsp, qm, qi = args                      # qb [B, bq, Hkv, G, D]; meta [B, bq]
+    def kstep(carry, xs):
+      kk, vv, ks, ksp, km, ki = xs
+      mask = allowed(qs[:, :, None], qsp[:, :, None], qm[:, :, None], qi[None, :, None],
+                     ks[:, None, :], ksp[:, None, :], km[:, None, :], ki[None, None, :])
+      def compute(c):
+        m, l, acc = c
+        s = lowp_einsum('bqhgd,bkhd->bhgqk', qb, kk.astype(qb.dtype)) * scale
+        mk = mask[:, None, None]
+        s = jnp.where(mk, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(mk, jnp.exp(s - m_safe[..., None]), 0.0)
+        corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l_new = l * corr + jnp.sum(p, axis=-1)
+        acc_new = acc * corr[..., None] + lowp_einsum('bhgqk,bkhd->bhgqd', p.astype(qb.dtype),
+                                                      vv.astype(qb.dtype))
+        return m_new, l_new, acc_new
+      return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
+    bq = qb.shape[1]
+    init = (jnp.full((B, Hkv, G, bq), -jnp.inf, f32), jnp.zeros((B, Hkv, G, bq), f32),
+            jnp.zeros((B, Hkv, G, bq, D), f32))
+    (m, l, acc), _ = jax.lax.scan(kstep, init, (kb, vb) + kmeta)
+    o = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return o.transpose(0, 3, 1, 2, 4).astype(qb.dtype)          # [B, bq, Hkv, G, D]
+
+  qbs = q.reshape(B, nb, block, Hkv, G, D).swapaxes(0, 1)
+  out = jax.lax.map(q_block, (qbs,) + tuple(metab(a) for a in (seg, split, mode)) + (idx.reshape(nb, block),))
+  out = out.swapaxes(0, 1).reshape(B, Tp, Hq, D)
+  return out[:, :T]
 
 
 def apply_what_ifs(names) -> None:
@@ -165,6 +223,8 @@ def apply_what_ifs(names) -> None:
         out = lowp_einsum('bhgqk,bkhd->bqhgd', p.astype(q.dtype), v.astype(q.dtype))
         return out.reshape(B, Tq, Hq, D).astype(q.dtype)
       attn_lib.masked_attention = masked_attention
+    elif name == 'blocked_attention':
+      attn_lib.reference_attention = blocked_attention
     else:
       raise ValueError(f'unknown --what_if {name!r}; choose from {WHAT_IFS}')
 
@@ -447,22 +507,25 @@ def bench(args) -> dict:
                       else profiling.measure_matmul_peak(jnp.bfloat16, n=args.peak_n))
 
   times = []
+  cpu_times = []
   losses = []
   for i, b in enumerate(dev_batches):
     prof = args.profile and i == args.warmup + args.steps     # one extra, traced step
     if prof:
       jax.profiler.start_trace(args.profile)
-    s0 = time.perf_counter()
+    s0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, b, lr)
     jax.block_until_ready((state, metrics))
     dt = time.perf_counter() - s0
+    dc = time.process_time() - c0
     if prof:
       jax.profiler.stop_trace()
     if i >= args.warmup and not prof:
       times.append(dt)
+      cpu_times.append(dc)
     losses.append(float(metrics['loss']))
     if args.verbose:
-      print(f'step {i}: {dt:.3f}s loss {losses[-1]:.4f} ok {bool(metrics["ok"])} '
+      print(f'step {i}: {dt:.3f}s (cpu {dc:.3f}s) loss {losses[-1]:.4f} ok {bool(metrics["ok"])} '
             f'load {loadavg()}', file=sys.stderr, flush=True)
   peak_after = profiling.measure_matmul_peak(dtype, n=args.peak_n)
   bf16_peak_after = (peak_after if dtype == jnp.bfloat16
@@ -474,6 +537,9 @@ def bench(args) -> dict:
   out['step_s'] = {'median': round(med, 4), 'min': round(min(times), 4) if times else None,
                    'max': round(max(times), 4) if times else None, 'n': len(times),
                    'all': [round(t, 4) for t in times]}
+  # process CPU time (all threads): less sensitive than wall time to other jobs on the machine
+  out['step_cpu_s'] = {'median': round(statistics.median(cpu_times), 4) if cpu_times else None,
+                       'all': [round(t, 4) for t in cpu_times]}
   out['losses'] = [round(x, 4) for x in losses]
   out['finite'] = bool(np.all(np.isfinite(losses)))
   out['tokens_per_s'] = round(real_tokens / med, 1)

@@ -48,11 +48,11 @@ def get_config():
   i2t = dict(vqa=0.35, report=0.2, caption=0.2)
   cfg.stages = ('vae', 'foundation', 'instruction', 'unified')
   cfg.curriculum = ConfigDict(dict(
-      vae=_stage('vae', 300, {'t2i': 0.5, 'edit': 0.5}, lr=2e-3, warmup_steps=20, ema_decay=0.0),
-      foundation=_stage('lm', 300, {**i2t, 't2i': 0.25}),
-      instruction=_stage('lm', 300, {'vqa': 0.2, 'report': 0.1, 'caption': 0.1, 't2i': 0.45,
+      vae=_stage('vae', 150, {'t2i': 0.5, 'edit': 0.5}, lr=2e-3, warmup_steps=20, ema_decay=0.0),
+      foundation=_stage('lm', 250, {**i2t, 't2i': 0.25}),
+      instruction=_stage('lm', 250, {'vqa': 0.2, 'report': 0.1, 'caption': 0.1, 't2i': 0.45,
                                      'edit': 0.15}, mandatory=('edit',)),
-      unified=_stage('lm', 300, {'vqa': 0.17, 'report': 0.1, 'caption': 0.1, 't2i': 0.35,
+      unified=_stage('lm', 250, {'vqa': 0.17, 'report': 0.1, 'caption': 0.1, 't2i': 0.35,
                                  'edit': 0.28}, mandatory=('edit',)),
   ))
   cfg.mesh.data = -1

@@ -29,6 +29,8 @@ at 20k tokens; that is reported as such).
 What the returned dict holds (all memory numbers are per chip):
   fits            peak_memory_in_bytes <= the chip's usable HBM (or False when XLA:TPU refused
                   the program for lack of memory; then `oom` holds the compiler's numbers)
+  fits_conservative  the same for arguments + outputs - aliased + temporaries + code (XLA's
+                  temp_size is the whole temporary pool, larger than the live peak)
   memory          XLA's memory_analysis: argument / output / temp / alias / peak bytes; plus
                   `state_bytes` (sharded train state, computed from the shardings)
   hbm             the chip's HBM per generation (v4 32 GiB, v5e 16, v5p 95, v6e 32 GiB). The
@@ -623,6 +625,13 @@ def compile_or_oom(lowered):
     return None, _oom_numbers(msg)
 
 
+def conservative_bytes(mem: dict) -> int:
+  """arguments + outputs - aliased (donated) + temporaries + generated code."""
+  return int(mem.get('argument_size_in_bytes', 0) + mem.get('output_size_in_bytes', 0)
+             - mem.get('alias_size_in_bytes', 0) + mem.get('temp_size_in_bytes', 0)
+             + mem.get('generated_code_size_in_bytes', 0))
+
+
 def _first_lm_stage(cfg):
   for name in cfg.stages:
     if cfg.curriculum[name].get('kind', 'lm') == 'lm':
@@ -752,6 +761,10 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
     out['memory']['peak_estimated'] = True
   out['memory']['peak_gib'] = round(peak_bytes / GIB, 2)
   out['fits'] = bool(peak_bytes <= out['hbm']['usable_bytes'])
+  # a conservative total: every argument, non-aliased output, the whole temp pool and the code
+  cons = conservative_bytes(mem)
+  out['memory']['conservative_bytes'] = cons
+  out['fits_conservative'] = bool(cons <= out['hbm']['usable_bytes'])
 
   text = compiled.as_text()
   if hlo_path:

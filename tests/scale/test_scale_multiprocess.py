@@ -63,10 +63,15 @@ def _finish(procs):
         q.kill()
       raise
     outs.append((p.returncode, out, err))
-  for rc, out, err in outs:
+  failed = []
+  for i, (rc, out, err) in enumerate(outs):
     lines = [l for l in out.splitlines() if l.startswith('WORKER_RESULT ')]
-    assert rc == 0 and lines, f'rc={rc}\n{out[-2000:]}\n{err[-6000:]}'
-    results.append(json.loads(lines[-1][len('WORKER_RESULT '):]))
+    if rc != 0 or not lines:
+      err = '\n'.join(l for l in err.splitlines() if not l.startswith(('W1', 'I1')))
+      failed.append(f'--- process {i}: rc={rc}\n{out[-1500:]}\n{err[-4000:]}')
+    else:
+      results.append(json.loads(lines[-1][len('WORKER_RESULT '):]))
+  assert not failed, '\n'.join(failed)
   return results
 
 

@@ -518,16 +518,8 @@ def prefill(model, ctx: Context, builder: BlockBuilder) -> Context:
 
 # --------------------------------------------------------------------- the public operations
 
-@dataclasses.dataclass(frozen=True)
-class Specials:
-  im_start: int
-  im_end: int
-  vision_start: int
-  vision_end: int
-
-  @classmethod
-  def from_tokenizer(cls, tok) -> 'Specials':
-    return cls(int(tok.im_start), int(tok.im_end), int(tok.vision_start), int(tok.vision_end))
+# the four marker ids, shared with the training plans
+from unimedvl_jax.data.plans import Specials  # noqa: E402
 
 
 def make_builder(model, batch_size: int, specials: Specials) -> BlockBuilder:
