@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider "$@" tests
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" tests

@@ -94,7 +94,9 @@ def main():
     if key in ('embed_tokens', 'lm_head/kernel', 'decoder/layers/und/mlp/gate_proj/kernel',
                'decoder/layers/und/q_proj/kernel', 'vit/encoder/layers/mlp/fc1/kernel'):
       arr = v[...]
-      show[key] = {'spec': str(arr.sharding.spec), 'shape': list(arr.shape),
+      spec_list = [list(e) if isinstance(e, tuple) else e for e in arr.sharding.spec]
+      spec_list += [None] * (arr.ndim - len(spec_list))
+      show[key] = {'spec': spec_list, 'shape': list(arr.shape),
                    'shard': list(arr.addressable_shards[0].data.shape)}
   shard_info = {'params_fraction': per_device_fraction(s8['params']),
                 'opt_state_fraction': per_device_fraction(s8['opt_state']),
