@@ -35,11 +35,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int, **extra):
+def _env(devices: int, cache_dir: str, **extra):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
+             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p),
+             # the resumed run compiles the same programs as part 1: reuse them
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.update(extra)
   return env
 
@@ -75,11 +77,11 @@ def _finish(procs):
   return results
 
 
-def _dist(workdir, data_root, max_steps=None):
+def _dist(workdir, data_root, cache_dir, max_steps=None):
   port = _free_port()
   procs = [_start(workdir, data_root, 'dist',
-                  _env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-                       JAX_PROCESS_ID=str(i)), max_steps)
+                  _env(2, cache_dir, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                       JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)), max_steps)
            for i in range(2)]
   return procs
 
@@ -94,10 +96,11 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   from unimedvl_jax.data import synthetic
   data_root = synthetic.ensure_dataset()      # generated once, shared by every process
   dist_dir, ref_dir = str(tmp_path / 'dist'), str(tmp_path / 'ref')
+  cache = str(tmp_path / 'jax_cache')
 
   # part 1 of the 2-process run and the reference run, concurrently
-  procs = _dist(dist_dir, data_root, max_steps=2)
-  ref = _start(ref_dir, data_root, 'ref', _env(4))
+  procs = _dist(dist_dir, data_root, cache, max_steps=2)
+  ref = _start(ref_dir, data_root, 'ref', _env(4, cache))
   part1 = _finish(procs)
   assert sorted(r['process_index'] for r in part1) == [0, 1]
   for r in part1:
@@ -105,7 +108,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert r['summary']['end_step'] == 2, r
   assert os.path.isdir(os.path.join(dist_dir, 'checkpoints', '2'))
 
-  part2 = _finish(_dist(dist_dir, data_root))           # same command: resumes from step 2
+  part2 = _finish(_dist(dist_dir, data_root, cache))    # same command: resumes from step 2
   for r in part2:
     assert r['summary']['start_step'] == 2 and r['summary']['end_step'] == 4, r
   assert os.path.isdir(os.path.join(dist_dir, 'checkpoints', '4'))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,7 +39,12 @@ def cmd(workdir, data_root, **kw):
       overrides(data_root, **kw)
 
 
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+# every run here compiles the same few programs: share them through XLA's persistent cache
+# (a cache hit is the same executable, so losses are unaffected)
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+       'JAX_COMPILATION_CACHE_DIR': os.path.join(tempfile.gettempdir(),
+                                                 f'unimedvl_jax_test_xla_cache_{os.getuid()}'),
+       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
 def losses(workdir):

@@ -5,6 +5,9 @@ Layout: `WORKDIR/checkpoints/<step>/` with items
   buffers    frozen tables (sin-cos)                 opt_state  optimizer state
   meta       step, rng, non-finite counter           data       data iterator state (JSON)
   config     the full config (JSON)
+With several processes every host has its own data iterator state; each writes it to
+`WORKDIR/data_state/<step>/process_<i>.json` before the step's save starts (the Orbax `data` item
+holds process 0's), and each restores its own.
 Items are separate so that inference restores only `ema` (or `params`) + `buffers`.
 
 Restores are strict: the checkpoint's key set must equal the target's (a partial restore is an
@@ -149,11 +152,65 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: dict, *, data_state: dict | None, cfg, force: bool = False) -> bool:
-    """state: dict with the ARRAY_ITEMS (pytrees). Returns True if a save was started."""
+    """state: dict with the ARRAY_ITEMS (pytrees); data_state: this process's iterator state.
+    Returns True if a save was started."""
+    multi = jax.process_count() > 1
+    if multi and (force or self.manager.should_save(step)):
+      self._write_process_data(step, data_state or {})
     args = {k: ocp.args.StandardSave(to_tree(state[k])) for k in ARRAY_ITEMS if k in state}
     args['data'] = ocp.args.JsonSave(data_state or {})
     args['config'] = ocp.args.JsonSave(config_to_json(cfg))
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    started = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if multi:
+      self._prune_process_data()
+    return started
+
+  # per-process data iterator states (multi-process runs)
+  @property
+  def data_state_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'data_state')
+
+  def _process_data_path(self, step: int) -> str:
+    return os.path.join(self.data_state_dir, str(step), f'process_{jax.process_index()}.json')
+
+  def _write_process_data(self, step: int, data_state: dict):
+    path = self._process_data_path(step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(data_state, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+  def _prune_process_data(self):
+    """Drops this process's states for steps older than the oldest kept checkpoint."""
+    steps = self.all_steps()
+    if not steps or not os.path.isdir(self.data_state_dir):
+      return
+    for d in os.listdir(self.data_state_dir):
+      if d.isdigit() and int(d) < steps[0]:
+        try:
+          os.remove(os.path.join(self.data_state_dir, d, f'process_{jax.process_index()}.json'))
+        except FileNotFoundError:
+          pass
+        try:
+          os.rmdir(os.path.join(self.data_state_dir, d))
+        except OSError:
+          pass
+
+  def _read_process_data(self, step: int, fallback: dict) -> dict:
+    if jax.process_count() == 1:
+      return fallback
+    path = self._process_data_path(step)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      raise CheckpointError(f'checkpoint step {step}: this process\'s data iterator state {path} '
+                            'is missing (was the run saved with a different process count?)')
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f'checkpoint step {step}: {path} is not valid JSON ({e})')
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -199,7 +256,7 @@ class Checkpointer:
     args['config'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     state = {k: from_tree(out[k], template_state[k]) for k in items}
-    return state, out['data'], out['config']
+    return state, self._read_process_data(step, out['data']), out['config']
 
 
 def _meta_tree(meta):
