@@ -174,37 +174,6 @@ def _target_backend(platform: str):
     jax.default_backend = saved
 
 
-def model_wraps_kernels() -> bool:
-  """Whether model/attention.py already runs the Pallas kernels under shard_map."""
-  import inspect
-  from unimedvl_jax.model import attention as attn_lib
-  try:
-    return 'shard_map' in inspect.getsource(attn_lib)
-  except OSError:
-    return True
-
-
-@contextlib.contextmanager
-def _shard_mapped_kernels():
-  """Routes the model's 'pallas' attention through `sharding.shard_map_attention` (XLA cannot
-  partition a Mosaic kernel; without this a multi-chip mesh fails to lower)."""
-  from unimedvl_jax import sharding
-  from unimedvl_jax.model import attention as attn_lib
-  orig = attn_lib.attention
-
-  def attention(q, k, v, segment_ids, split_ids, split_modes, *, impl='xla', scale=None):
-    if attn_lib.resolve_impl(impl) != 'pallas':
-      return orig(q, k, v, segment_ids, split_ids, split_modes, impl=impl, scale=scale)
-    fn = lambda *a: orig(*a, impl='pallas', scale=scale)
-    return sharding.shard_map_attention(fn, q, k, v, segment_ids, split_ids, split_modes)
-
-  attn_lib.attention = attention
-  try:
-    yield
-  finally:
-    attn_lib.attention = orig
-
-
 # ------------------------------------------------------------------------------ HLO analysis
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
@@ -732,15 +701,7 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   out['memory'] = {'state_bytes': state_bytes_per_chip(abstract, st_sh)}
 
   out['notes'] = []
-  wrap = contextlib.nullcontext()
   with _target_backend('tpu'):
-    uses_pallas = attention_impl_resolved(cfg) == 'pallas'
-  if uses_pallas and mesh.size > 1 and not model_wraps_kernels():
-    wrap = _shard_mapped_kernels()
-    out['notes'].append('model/attention.py does not run the Pallas kernels under shard_map '
-                        '(XLA cannot partition Mosaic calls): aot.py applied '
-                        'sharding.shard_map_attention around them for this compile')
-  with _target_backend('tpu'), wrap:
     lowered = jitted.lower(abstract, abatch, jax.ShapeDtypeStruct((), jnp.float32))
   t1 = time.perf_counter()
   out['lower_seconds'] = round(t1 - t0, 1)

@@ -82,7 +82,13 @@ def attention(q, k, v, segment_ids, split_ids, split_modes, *, impl: str = 'xla'
   if impl == 'xla':
     return reference_attention(q, k, v, segment_ids, split_ids, split_modes, scale=scale)
   if impl == 'pallas':
+    from unimedvl_jax import sharding
     from unimedvl_jax.kernels.flash_attention import flash_attention
-    return flash_attention(q, k, v, segment_ids, split_ids, split_modes, scale=scale,
-                           interpret=jax.default_backend() == 'cpu')
+    interpret = jax.default_backend() == 'cpu'
+
+    def kernel(q, k, v, seg, split, mode):
+      return flash_attention(q, k, v, seg, split, mode, scale=scale, interpret=interpret)
+    # XLA cannot partition a Pallas (Mosaic/Triton) call: on a multi-device mesh each device runs
+    # the kernel on its own packs (and heads under 'tensor') through jax.shard_map
+    return sharding.shard_map_attention(kernel, q, k, v, segment_ids, split_ids, split_modes)
   raise ValueError(f'unknown attention_impl {impl!r}')
