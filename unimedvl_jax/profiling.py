@@ -89,6 +89,37 @@ def _vae_encoder_flops(vae, size: int) -> float:
   return f
 
 
+def _vae_decoder_flops(vae, size: int) -> float:
+  """Forward FLOPs of the FLUX decoder producing one size x size image (convs + mid attention)."""
+  ch, mult, nres, z = vae.base_channels, tuple(vae.channel_mult), vae.num_res_blocks, vae.z_channels
+  conv = lambda h, w, ci, co, k: 2.0 * h * w * ci * co * k * k
+  h = w = size // 2 ** (len(mult) - 1)
+  c = ch * mult[-1]
+  f = conv(h, w, z, c, 3)
+  f += 2 * (conv(h, w, c, c, 3) * 2) + 4 * conv(h, w, c, c, 1) + 2 * 2.0 * (h * w) ** 2 * c
+  cin = c
+  for i in reversed(range(len(mult))):
+    cout = ch * mult[i]
+    for _ in range(nres + 1):
+      f += conv(h, w, cin, cout, 3) + conv(h, w, cout, cout, 3)
+      if cin != cout:
+        f += conv(h, w, cin, cout, 1)
+      cin = cout
+    if i != 0:
+      h, w = 2 * h, 2 * w
+      f += conv(h, w, cin, cin, 3)
+  return f + conv(h, w, cin, vae.in_channels, 3)
+
+
+def vae_stage_flops_per_step(cfg, slots: int = 2) -> float:
+  """Analytic FLOPs of one step of the 'vae' objective (train/step.py vae_objective): encoder and
+  decoder forward + backward (3x forward) on `slots` images of every pack."""
+  d = cfg.data
+  n = d.batch_size * min(int(d.max_vae_images), slots)
+  S = int(d.vae_buffer_size)
+  return 3.0 * n * (_vae_encoder_flops(cfg.model.vae, S) + _vae_decoder_flops(cfg.model.vae, S))
+
+
 def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: float | None = None,
                          frozen: tuple[str, ...] | None = None) -> dict[str, float]:
   """Analytic training FLOPs of one step at the config's static budgets (see module doc).

@@ -186,6 +186,9 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
         fn = step_lib.make_train_step(graphdef, cfg, tc, objective=st['kind'])
         compiled[key] = step_lib.jit_train_step(fn, abstract, mesh, spec)
       jitted, _, b_sh = compiled[key]
+      # MFU numerator: the LM step's model FLOPs, or the autoencoder's for a 'vae' stage (whose
+      # tokens_per_s still counts the packs' tokens, which that objective does not process)
+      stage_flops = (profiling.vae_stage_flops_per_step(cfg) if st['kind'] == 'vae' else flops)
       sched = step_lib.lr_schedule(tc, st['end'] - st['start'])
       it = pipeline.make_train_iterator(cfg, st['name'], process_index=pidx, process_count=pcount)
       if data_state and data_state.get('stage') == st['name'] and data_state.get('iterator'):
@@ -234,7 +237,7 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
                  'loss': float(m['loss']), 'ce': float(m['ce']), 'mse': float(m['mse']),
                  'grad_norm': float(m['grad_norm']), 'lr': float(m['lr']),
                  'step_time_s': dt, 'tokens_per_s': toks_since / max(now - t_last, 1e-9),
-                 'mfu': flops / dt / peak if dt > 0 else 0.0,
+                 'mfu': stage_flops / dt / peak if dt > 0 else 0.0,
                  'nonfinite_steps': nonfinite}
           rec.update({f'data_{k}': v for k, v in it.stats().items()
                       if isinstance(v, (int, float))})
