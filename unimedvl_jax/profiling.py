@@ -111,7 +111,7 @@ def _vae_decoder_flops(vae, size: int) -> float:
   return f + conv(h, w, cin, vae.in_channels, 3)
 
 
-def vae_stage_flops_per_step(cfg, slots: int = 2) -> float:
+def vae_stage_flops_per_step(cfg, slots: int) -> float:
   """Analytic FLOPs of one step of the 'vae' objective (train/step.py vae_objective): encoder and
   decoder forward + backward (3x forward) on `slots` images of every pack."""
   d = cfg.data

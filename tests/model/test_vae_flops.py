@@ -47,4 +47,4 @@ def test_vae_stage_flops_formula():
   cfg.data.batch_size, cfg.data.max_vae_images, cfg.data.vae_buffer_size = 3, 8, 64
   v = cfg.model.vae
   want = 3 * 3 * 2 * (profiling._vae_encoder_flops(v, 64) + profiling._vae_decoder_flops(v, 64))
-  assert profiling.vae_stage_flops_per_step(cfg) == want
+  assert profiling.vae_stage_flops_per_step(cfg, slots=2) == want

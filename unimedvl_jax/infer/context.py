@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimedvl_jax.data.plans import Specials  # the four marker ids, shared with training
 from unimedvl_jax.model import attention as attn_lib
 from unimedvl_jax.model.attention import MODE_CAUSAL, MODE_FULL, MODE_NOISE
 
@@ -517,10 +518,6 @@ def prefill(model, ctx: Context, builder: BlockBuilder) -> Context:
 
 
 # --------------------------------------------------------------------- the public operations
-
-# the four marker ids, shared with the training plans
-from unimedvl_jax.data.plans import Specials  # noqa: E402
-
 
 def make_builder(model, batch_size: int, specials: Specials) -> BlockBuilder:
   vit_grid = model.vit.embeddings.position_embedding.shape[0] if getattr(model, 'has_vit', False) else 1

@@ -188,7 +188,8 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
       jitted, _, b_sh = compiled[key]
       # MFU numerator: the LM step's model FLOPs, or the autoencoder's for a 'vae' stage (whose
       # tokens_per_s still counts the packs' tokens, which that objective does not process)
-      stage_flops = (profiling.vae_stage_flops_per_step(cfg) if st['kind'] == 'vae' else flops)
+      stage_flops = (profiling.vae_stage_flops_per_step(cfg, slots=step_lib.VAE_SLOTS)
+                     if st['kind'] == 'vae' else flops)
       sched = step_lib.lr_schedule(tc, st['end'] - st['start'])
       it = pipeline.make_train_iterator(cfg, st['name'], process_index=pidx, process_count=pcount)
       if data_state and data_state.get('stage') == st['name'] and data_state.get('iterator'):

@@ -138,7 +138,11 @@ def _microbatches(batch, k):
   return jax.tree.map(lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:]), batch)
 
 
-def vae_objective(model, batch, rng, kl_weight: float = 1e-6, max_slots: int = 2):
+# VAE slots per pack that the 'vae' objective trains on (profiling.vae_stage_flops_per_step)
+VAE_SLOTS = 2
+
+
+def vae_objective(model, batch, rng, kl_weight: float = 1e-6, max_slots: int = VAE_SLOTS):
   """Autoencoder reconstruction (for toy VAEs that must be trained): MSE of decode(sample(x)) on
   the pack's used VAE slots + kl_weight * KL(q(z|x) || N(0, I)). Returns (loss, mse, kl, count).
 
