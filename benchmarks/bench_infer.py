@@ -5,8 +5,9 @@
 
 Per config (random weights, `unimedvl_jax.infer.random_init`; the config's compute dtype):
 - prefill tokens/s: one causal text block of --prompt tokens into an empty context, batch 1, 8;
-- decode tokens/s with the KV cache (the jitted while-loop of infer/text.py; every row forced to
-  run the full --new tokens) at batch 1 and 8, and WITHOUT a cache (each new token recomputes
+- decode tokens/s with the KV cache (the jitted greedy while-loop of infer/text.py on the
+  prepared model; every row forced to run the full --new tokens; benchmarks/bench_decode.py
+  compares it per token with a full recompute) at batch 1 and 8, and WITHOUT a cache (each new token recomputes
   the whole sequence: one jitted forward over the padded prompt + generated tokens per step);
 - seconds per generated image: text-to-image at the config's largest VAE size, --steps
   timesteps (--steps - 1 model calls, 2 contexts for text CFG), + VAE decode, batch 1.
@@ -70,7 +71,7 @@ def attn_flops(llm, pairs):
 def _nocache_step(graphdef, state, ctx, blk, last):
   """One no-cache decode step: the whole (padded) sequence through the model, logits of the last
   valid token per row."""
-  model = nnx.merge(graphdef, state)
+  model = C.merge(graphdef, state)
   _, h_u, _ = C.forward_block(model, ctx, blk, write=False)
   h = jnp.take_along_axis(h_u, last[:, None, None], axis=1)[:, 0]
   return jnp.argmax(model.logits(h), -1)
@@ -79,8 +80,8 @@ def _nocache_step(graphdef, state, ctx, blk, last):
 def bench_config(name, iters, prompt_len, new_tokens, steps, peak):
   cfg = load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
   llm = cfg.model.llm
-  model = random_model(cfg.model, 0)
-  graphdef, state = nnx.split(model)
+  model = C.prepare(random_model(cfg.model, 0))     # split once (context.prepare)
+  graphdef, state = model.static, model.state
   V = llm.vocab_size
   # specials: an end id the random model is forced never to pick is not possible; instead the
   # end id is set to -1 (never sampled) so every row runs exactly `new_tokens` steps.
@@ -103,10 +104,8 @@ def bench_config(name, iters, prompt_len, new_tokens, steps, peak):
     out[f'prefill_b{B}'] = dict(seconds=t_pre, tokens_per_s=B * prompt_len / t_pre,
                                 flops=pre_flops, mfu=pre_flops / t_pre / peak)
     # decode with the cache
-    keys = jax.vmap(jax.random.key)(jnp.arange(B, dtype=jnp.uint32))
-    z = jnp.zeros((B,), jnp.float32)
-    run = lambda: T._decode_jit(graphdef, state, ctx, keys, z, z + 1, jnp.ones((B,), bool),
-                                jnp.int32(sp.im_start), jnp.int32(-1), new_tokens, False)
+    args, _, _, greedy = T.decode_args(ctx, sp, T.TextSettings(max_new_tokens=new_tokens))
+    run = lambda: T._decode_jit(graphdef, state, ctx, *args, new_tokens, False, greedy)
     t_dec = best_time(run, iters)
     fed = new_tokens + 2              # <|im_start|>, new tokens, the forced end token
     ctx_pairs = sum(prompt_len + i + 1 for i in range(fed))
@@ -151,7 +150,7 @@ def bench_config(name, iters, prompt_len, new_tokens, steps, peak):
     per_call += (2.0 * gp * L + 2.0 * lp * 2 + attn_flops(llm, (L + 2) * (c + L + 2))
                  + 2.0 * L * (64 * H + H * 64 + cfg.model.timestep_freq_dim * H + H * H))
   from unimedvl_jax.model.vae import unpatchify
-  dec = jax.jit(lambda st, t: nnx.merge(graphdef, st).vae.decode(
+  dec = jax.jit(lambda st, t: C.merge(graphdef, st).vae.decode(
       unpatchify(t, g, g, cfg.model.latent_patch_size, cfg.model.vae.z_channels)))
   vae_flops = profiling.compiled_cost(
       dec.lower(state, jnp.zeros((1, L, 64), jnp.float32)).compile())['flops']

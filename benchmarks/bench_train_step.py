@@ -4,44 +4,39 @@
     python benchmarks/bench_train_step.py --config configs/tiny.py --dtype fp32 --steps 5
     python benchmarks/bench_train_step.py --remat full --json out.json
     python benchmarks/bench_train_step.py --profile /tmp/prof      # + top ops of one step
-    python benchmarks/bench_train_step.py --what_if bf16_dots --what_if blocked_attention --no-unrolled
+    python benchmarks/bench_train_step.py --override model.attention_impl=xla   # dense reference
+    python benchmarks/bench_train_step.py --side_by_side    # vs torch / minimal JAX / baseline
 
 Batches come from the real input pipeline (`data.pipeline.make_train_iterator`) on the embedded
 synthetic dataset, generated once into --data_dir at the config's VAE image size (a few
-seconds); `--source packs` uses hand-built packs (tests/model/packs.py) instead. All batches are
-drawn before timing (data time is not in the step time). The step is `train.step.make_train_step`
-under `jit_train_step` (explicit shardings, donated state), compiled ahead of time.
+seconds). All batches are drawn before timing (data time is not in the step time). The step is
+`train.step.make_train_step` under `jit_train_step` (explicit shardings, donated state),
+compiled ahead of time. Model changes are measured through config knobs (--override), never by
+patching the package.
 
-Printed (JSON): model FLOPs per step (profiling.model_flops_per_step with the exact allowed
-attention pairs of each batch, profiling.allowed_pairs, and the exact ViT pairs; the FLOPs
-convention is in unimedvl_jax/profiling.py: padding slots counted, causal/masked attention
-counted by allowed pairs only, 3x forward for trainable parts, remat not counted), lower and
-compile time, step time (median over --steps after --warmup steps, plus min/max), real tokens/s
-(non-padding tokens), MFU against a square-matmul peak measured in the same run with the same
-dtype (before and after the timed steps; the higher is used, so MFU is conservative) and also
-against the bf16 peak, peak memory (profiling.peak_memory_bytes: on CPU the process peak RSS,
-which includes the compiler), compiled.memory_analysis(), and compiled.cost_analysis() FLOPs.
-XLA counts a scanned layer body once, so --unrolled (default on) also compiles the same step
-with config.model.scan_layers=False and reports its cost-analysis FLOPs (that compile is only
-analysed, never run). Compiled FLOPs count what XLA executes: dense [T, T] attention (not just
-allowed pairs), rematerialisation, the optimizer; so they exceed the model FLOPs.
+Printed (JSON): model FLOPs per step (profiling.model_flops_per_step(cfg, batch=...): the useful
+work of each batch: decoder layers over every token slot, attention at the allowed pairs, lm_head
+at the CE rows, the VAE at the real images, 3x forward for trainable parts, remat not counted),
+lower and compile time, step time (median over --steps after --warmup steps, plus min/max), real
+tokens/s (non-padding tokens), MFU against a square-matmul peak measured in the same run with the
+same dtype (before and after the timed steps; the higher is used, so MFU is conservative) and
+also against the bf16 peak, peak memory (profiling.peak_memory_bytes: on CPU the process peak
+RSS, which includes the compiler), compiled.memory_analysis(), and compiled.cost_analysis() FLOPs
+of the scanned step (XLA counts a scanned layer body once; the exact compiled/analytic ratio of
+the unrolled step with the blocked attention's loop iterations is
+`benchmarks/side_by_side.py --contestant project_full:flops=1`).
 
 Timings on a shared CPU are noisy: the load average is recorded at start and end, and each step's
 process CPU time (all threads; `step_cpu_s`) is reported next to its wall time.
 
 --profile DIR traces one extra step (jax.profiler) and prints the top HLO ops by thread-summed
-time with their JAX source op, and the time per coarse bucket (dense [T, T] attention, matmuls,
-VAE convolutions, converts, scan slicing, ...). --what_if NAME measures a proposed model change by
-monkeypatching it in for this process only (see WHAT_IFS below; nothing in the package changes):
-  bf16_dots          Linear and the lm_head CE dot as bf16 x bf16 -> f32 dots, forward and backward
-  bf16_attention     the reference attention's QK^T / PV in the compute dtype with f32 accumulation
-  blocked_attention  a flash-style XLA attention that skips fully masked key blocks at run time
+time with their JAX source op, and the time per coarse bucket (matmuls, VAE convolutions,
+converts, scan slicing, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -56,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from unimedvl_jax import profiling, sharding  # noqa: E402
+from unimedvl_jax import batch as batch_lib  # noqa: E402
 from unimedvl_jax.batch import batch_spec  # noqa: E402
 from unimedvl_jax.config import load_config_file, stage_train_config  # noqa: E402
 from unimedvl_jax.train import step as step_lib  # noqa: E402
@@ -77,168 +73,6 @@ def loadavg() -> list[float]:
     return []
 
 
-# ---------------------------------------------------------------------------------- what-ifs
-# In-process monkeypatches that measure proposed model changes WITHOUT editing the model (off by
-# default; the result JSON lists the ones applied). XLA:CPU runs a dot natively in bf16 only as
-# bf16 x bf16 -> f32 (YNNPACK); a bf16 x bf16 -> bf16 dot (jnp.dot of two bf16 arrays) is
-# converted to an f32 x f32 dot, and so are the backward dots that JAX derives from a
-# preferred_element_type=f32 dot. `lowp_einsum` keeps inputs in the compute dtype and
-# accumulates in f32 in the forward AND both backward products (custom_vjp).
-
-WHAT_IFS = ('bf16_dots', 'bf16_attention', 'blocked_attention')
-
-
-def lowp_einsum(eq: str, a, b):
-  """einsum(eq, a, b) in a's dtype with f32 accumulation (f32 result), in forward and backward.
-  Every index of `eq` must appear in at least two of its three terms (true for matmuls and the
-  attention contractions)."""
-  ins, out = eq.split('->')
-  ia, ib = ins.split(',')
-  f32 = jnp.float32
-
-  @jax.custom_vjp
-  def f(a, b):
-    return jnp.einsum(eq, a, b, preferred_element_type=f32)
-
-  def fwd(a, b):
-    return f(a, b), (a, b)
-
-  def bwd(res, g):
-    a, b = res
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f'{out},{ib}->{ia}', g, b, preferred_element_type=f32).astype(a.dtype)
-    db = jnp.einsum(f'{ia},{out}->{ib}', a, g, preferred_element_type=f32).astype(b.dtype)
-    return da, db
-
-  f.defvjp(fwd, bwd)
-  return f(a, b)
-
-
-def blocked_attention(q, k, v, seg, split, mode, *, scale=None, block=128):
-  """Flash-style attention in plain XLA: query blocks (lax.map, rematerialised) x key blocks
-  (lax.scan with online softmax); a key block with no allowed pair is skipped with lax.cond
-  (at run time, forward and backward). Matmuls in q's dtype with f32 accumulation (lowp_einsum)."""
-  from unimedvl_jax.model.attention import allowed
-  B, T, Hq, D = q.shape
-  Hkv = k.shape[2]
-  G = Hq // Hkv
-  scale = D ** -0.5 if scale is None else scale
-  pad = (-T) % block
-  if pad:
-    p2 = lambda a, c=0: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=c)
-    q, k, v = p2(q), p2(k), p2(v)
-    seg = p2(seg)            # padding: segment 0 (sees nothing, seen by nothing)
-    split, mode = p2(split, jnp.max(split) + 1), p2(mode)
-  Tp = T + pad
-  nb = Tp // block
-  idx = jnp.arange(Tp, dtype=jnp.int32)
-  f32 = jnp.float32
-  kb = k.reshape(B, nb, block, Hkv, D).swapaxes(0, 1)
-  vb = v.reshape(B, nb, block, Hkv, D).swapaxes(0, 1)
-  metab = lambda a: a.reshape(B, nb, block).swapaxes(0, 1)
-  kmeta = (metab(seg), metab(split), metab(mode), idx.reshape(nb, block))
-
-  @jax.checkpoint
-  def q_block(args):
-    qb, qs, qsp, qm, qi = args                      # qb [B, bq, Hkv, G, D]; meta [B, bq]
-    def kstep(carry, xs):
-      kk, vv, ks, ksp, km, ki = xs
-      mask = allowed(qs[:, :, None], qsp[:, :, None], qm[:, :, None], qi[None, :, None],
-                     ks[:, None, :], ksp[:, None, :], km[:, None, :], ki[None, None, :])
-      def compute(c):
-        m, l, acc = c
-        s = lowp_einsum('bqhgd,bkhd->bhgqk', qb, kk.astype(qb.dtype)) * scale
-        mk = mask[:, None, None]
-        s = jnp.where(mk, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(mk, jnp.exp(s - m_safe[..., None]), 0.0)
-        corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l_new = l * corr + jnp.sum(p, axis=-1)
-        acc_new = acc * corr[..., None] + lowp_einsum('bhgqk,bkhd->bhgqd', p.astype(qb.dtype),
-                                                      vv.astype(qb.dtype))
-        return m_new, l_new, acc_new
-      return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
-    bq = qb.shape[1]
-    init = (jnp.full((B, Hkv, G, bq), -jnp.inf, f32), jnp.zeros((B, Hkv, G, bq), f32),
-            jnp.zeros((B, Hkv, G, bq, D), f32))
-    (m, l, acc), _ = jax.lax.scan(kstep, init, (kb, vb) + kmeta)
-    o = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return o.transpose(0, 3, 1, 2, 4).astype(qb.dtype)          # [B, bq, Hkv, G, D]
-
-  qbs = q.reshape(B, nb, block, Hkv, G, D).swapaxes(0, 1)
-  out = jax.lax.map(q_block, (qbs,) + tuple(metab(a) for a in (seg, split, mode)) + (idx.reshape(nb, block),))
-  out = out.swapaxes(0, 1).reshape(B, Tp, Hq, D)
-  return out[:, :T]
-
-
-def apply_what_ifs(names) -> None:
-  from unimedvl_jax.model import attention as attn_lib
-  from unimedvl_jax.model import layers, unimedvl
-  for name in names:
-    if name == 'bf16_dots':
-      def linear_call(self, x):
-        x = x.astype(self.dtype)
-        w = self.kernel[...].astype(self.dtype)
-        lead = x.shape[:-1]
-        y = lowp_einsum('mk,kn->mn', x.reshape(-1, x.shape[-1]), w).astype(self.dtype)
-        y = y.reshape(lead + (w.shape[1],))
-        if self.bias is not None:
-          y = y + self.bias[...].astype(self.dtype)
-        return y
-      layers.Linear.__call__ = linear_call
-      orig_ce = unimedvl.chunked_cross_entropy
-
-      def ce(h, w, labels, mask, chunk, dtype):
-        # same as chunked_cross_entropy, with the lm_head dot in lowp_einsum
-        Hd = h.shape[-1]
-        hf, lf = h.reshape(-1, Hd), labels.reshape(-1)
-        mf = mask.reshape(-1).astype(jnp.float32)
-        n = hf.shape[0]
-        chunk = max(1, min(chunk, n))
-        pad = (-n) % chunk
-        if pad:
-          hf, lf, mf = jnp.pad(hf, ((0, pad), (0, 0))), jnp.pad(lf, (0, pad)), jnp.pad(mf, (0, pad))
-        hc, lc, mc = hf.reshape(-1, chunk, Hd), lf.reshape(-1, chunk), mf.reshape(-1, chunk)
-        wd = w.astype(dtype)
-
-        @jax.checkpoint
-        def one(args):
-          hh, ll, mm = args
-          logits = lowp_einsum('mk,kn->mn', hh.astype(dtype), wd)
-          lse = jax.nn.logsumexp(logits, axis=-1)
-          tgt = jnp.take_along_axis(logits, ll[:, None], axis=-1)[:, 0]
-          return jnp.sum((lse - tgt) * mm)
-        if hc.shape[0] == 1:
-          return one((hc[0], lc[0], mc[0]))
-        return jnp.sum(jax.lax.map(one, (hc, lc, mc)))
-      ce.__wrapped__ = orig_ce
-      unimedvl.chunked_cross_entropy = ce
-    elif name == 'bf16_attention':
-      def masked_attention(q, k, v, mask, scale=None):
-        # masked_attention with QK^T and PV in q's dtype, f32 accumulation, softmax in f32
-        B, Tq, Hq, D = q.shape
-        Hkv = k.shape[2]
-        G = Hq // Hkv
-        scale = D ** -0.5 if scale is None else scale
-        qg = q.reshape(B, Tq, Hkv, G, D)
-        logits = lowp_einsum('bqhgd,bkhd->bhgqk', qg, k.astype(q.dtype)) * scale
-        m = mask[:, None, None, :, :]
-        logits = jnp.where(m, logits, -jnp.inf)
-        row_max = jnp.max(logits, axis=-1, keepdims=True)
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-        p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        p = p / jnp.where(denom > 0, denom, 1.0)
-        out = lowp_einsum('bhgqk,bkhd->bqhgd', p.astype(q.dtype), v.astype(q.dtype))
-        return out.reshape(B, Tq, Hq, D).astype(q.dtype)
-      attn_lib.masked_attention = masked_attention
-    elif name == 'blocked_attention':
-      attn_lib.reference_attention = blocked_attention
-    else:
-      raise ValueError(f'unknown --what_if {name!r}; choose from {WHAT_IFS}')
-
-
 # ---------------------------------------------------------------------------------- batches
 
 def pipeline_batches(cfg, n: int, data_dir: str) -> list[dict]:
@@ -255,69 +89,6 @@ def pipeline_batches(cfg, n: int, data_dir: str) -> list[dict]:
   finally:
     if hasattr(it, 'close'):
       it.close()
-
-
-def _load_packs():
-  spec = importlib.util.spec_from_file_location('bench_model_packs',
-                                                os.path.join(ROOT, 'tests', 'model', 'packs.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def hand_packs(cfg, n: int) -> list[dict]:
-  """tests/model/packs.py packs: repeat the two mixed samples while they fit the budgets."""
-  packs = _load_packs()
-  d, m = cfg.data, cfg.model
-  side = max(1, min(4, d.vae_buffer_size // 16))
-  vit_side = max(1, min(8, m.vit.grid_size))
-  protos = [
-      [('text', 24, False), ('vit', vit_side, vit_side), ('text', 40, True)],
-      [('text', 16, False), ('vae', side, side, False), ('vit', vit_side // 2 or 1, vit_side // 2 or 1),
-       ('vae', side, side, True), ('text', 20, True)],
-      [('text', 30, False), ('vae', side, side, True)],
-  ]
-
-  def cost(s):
-    t = l_ = p = nv = 0
-    for it in s:
-      if it[0] == 'text':
-        t += it[1] + 2
-      elif it[0] == 'vit':
-        t += it[1] * it[2] + 2
-        p += it[1] * it[2]
-      else:
-        t += it[1] * it[2] + 2
-        l_ += it[1] * it[2]
-        nv += 1
-    return t, l_, p, nv
-
-  rows = []
-  for r in range(d.batch_size):
-    used = [0, 0, 0, 0]
-    row = []
-    k = r
-    for _ in range(10000):
-      s = protos[k % len(protos)]
-      c = cost(s)
-      u = [a + b for a, b in zip(used, c)]
-      if (u[0] > d.seq_len or u[1] > d.max_latent_tokens or u[2] > d.max_vit_patches
-          or u[3] > d.max_vae_images or u[0] - u[1] > d.seq_len - d.max_latent_tokens):
-        break
-      row.append(s)
-      used = u
-      k += 1
-    rows.append(row)
-  return [packs.build_batch(cfg, rows, seed=i) for i in range(n)]
-
-
-def vit_pairs(batch) -> float:
-  seg = np.asarray(batch['vit_segment_ids'])
-  tot = 0.0
-  for row in seg:
-    _, counts = np.unique(row[row != 0], return_counts=True)
-    tot += float(np.sum(counts.astype(np.float64) ** 2))
-  return tot
 
 
 # ---------------------------------------------------------------------------------- profile
@@ -448,36 +219,21 @@ def bench(args) -> dict:
                else args.config, 'dtype': args.dtype, 'remat': args.remat,
                'backend': jax.default_backend(), 'devices': jax.device_count(),
                'loadavg_start': loadavg(), 'overrides': list(args.override)}
-  apply_what_ifs(args.what_if)
-  out['what_if'] = list(args.what_if)
   cfg = load_cfg(args)
   spec = batch_spec(cfg)
   n_batches = args.warmup + args.steps + (1 if args.profile else 0)
   t0 = time.perf_counter()
-  if args.source == 'pipeline':
-    try:
-      batches = pipeline_batches(cfg, n_batches, args.data_dir)
-      out['source'] = 'pipeline (embedded synthetic dataset)'
-    except Exception as e:  # noqa: BLE001 - data shapes that do not suit the config
-      print(f'pipeline batches failed ({type(e).__name__}: {e}); using hand-built packs',
-            file=sys.stderr)
-      batches = hand_packs(cfg, n_batches)
-      out['source'] = f'tests/model/packs.py (pipeline failed: {type(e).__name__})'
-  else:
-    batches = hand_packs(cfg, n_batches)
-    out['source'] = 'tests/model/packs.py'
+  batches = pipeline_batches(cfg, n_batches, args.data_dir)
+  out['source'] = 'pipeline (embedded synthetic dataset)'
   out['data_s'] = round(time.perf_counter() - t0, 2)
   d = cfg.data
   out['shapes'] = dict(B=d.batch_size, T=d.seq_len, U=d.seq_len - d.max_latent_tokens,
                        L=d.max_latent_tokens, P=d.max_vit_patches, N=d.max_vae_images,
-                       S=d.vae_buffer_size)
+                       vae_buckets=[list(b) for b in batch_lib.Geometry.from_config(cfg).vae_buckets])
 
   # ---- analytic model FLOPs of the timed batches (exact attention pairs)
   timed = batches[args.warmup:args.warmup + args.steps]
-  per = []
-  for b in timed:
-    per.append(profiling.model_flops_per_step(cfg, attn_pairs=profiling.allowed_pairs(b),
-                                              vit_pairs=vit_pairs(b)))
+  per = [profiling.model_flops_per_step(cfg, batch=b) for b in timed]
   flops = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
   real_tokens = float(np.mean([np.sum(np.asarray(b['segment_ids']) > 0) for b in timed]))
   pairs = float(np.mean([profiling.allowed_pairs(b) for b in timed]))
@@ -568,22 +324,16 @@ def bench(args) -> dict:
   out['compiled_flops_per_s_scanned'] = out['cost_analysis_scanned']['flops'] / med
   del compiled, lowered, state, dev_batches
 
-  # ---- an unrolled compile, only for cost_analysis (a scanned body is counted once)
+  # ---- compiled FLOPs of the unrolled step, with the blocked attention's loop iterations
   if args.unrolled:
-    cfg_u = load_cfg(args, scan=False)
-    g_u, abs_u = step_lib.abstract_state(cfg_u)
-    fn_u = step_lib.make_train_step(g_u, cfg_u, stage_train_config(cfg_u, args.stage))
-    jit_u, _, _ = step_lib.jit_train_step(fn_u, abs_u, mesh, spec)
-    t0 = time.perf_counter()
-    comp_u = jit_u.lower(abs_u, b_abs, lr_abs).compile()
-    out['unrolled_compile_s'] = round(time.perf_counter() - t0, 2)
-    out['cost_analysis_unrolled'] = profiling.compiled_cost(comp_u)
-    out['memory_analysis_unrolled'] = profiling.compiled_memory(comp_u)
-    cf = out['cost_analysis_unrolled']['flops']
-    out['compiled_over_model_flops'] = cf / flops['train']
-    out['compiled_flops_per_s'] = cf / med
-    out['compiled_fraction_of_peak'] = cf / med / peak
-    del comp_u
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import side_by_side
+    cf = side_by_side.compiled_flops(cfg, timed[0], tc, mesh, spec)
+    f0 = profiling.model_flops_per_step(cfg, batch=timed[0])['train']
+    out['compiled_flops_unrolled'] = cf
+    out['compiled_over_model_flops'] = cf['compiled_flops'] / f0
+    out['compiled_flops_per_s'] = cf['compiled_flops'] / med
+    out['compiled_fraction_of_peak'] = cf['compiled_flops'] / med / peak
   if args.profile:
     out['profile_top_ops'] = top_ops(args.profile, args.profile_top, hlo_text)
     out['profile_categories'] = op_categories(args.profile, hlo_text, d.seq_len,
@@ -601,7 +351,6 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=5, help='timed steps (median reported)')
   ap.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
   ap.add_argument('--stage', default=None, help='curriculum stage whose train overrides to use')
-  ap.add_argument('--source', default='pipeline', choices=['pipeline', 'packs'])
   ap.add_argument('--data_dir', default=os.path.join(
       os.environ.get('TMPDIR', '/tmp'), 'unimedvl_bench'), help='where the dataset is generated')
   ap.add_argument('--peak_n', type=int, default=2048, help='matmul size of the peak measurement')
@@ -609,8 +358,12 @@ def main(argv=None):
                   help='also compile with scan_layers=False for cost_analysis FLOPs')
   ap.add_argument('--override', action='append', default=[],
                   help="config override 'a.b=value' (repeatable)")
-  ap.add_argument('--what_if', action='append', default=[], choices=WHAT_IFS,
-                  help='measure a proposed model change by monkeypatching it in (repeatable)')
+  ap.add_argument('--side_by_side', action='store_true',
+                  help='run benchmarks/side_by_side.py (torch Qwen2 vs minimal JAX LM vs this '
+                       'project vs the baseline commit, stepped in turn); see its --help')
+  ap.add_argument('--contestant', action='append', default=None,
+                  help='with --side_by_side: the contestants (default: its full line-up)')
+  ap.add_argument('--rounds', type=int, default=4, help='with --side_by_side')
   ap.add_argument('--profile', default=None,
                   help='trace one extra step (after the timed ones) into this dir; top ops')
   ap.add_argument('--profile_top', type=int, default=25)
@@ -618,6 +371,17 @@ def main(argv=None):
   ap.add_argument('--json', default=None, help='also write the result here')
   ap.add_argument('--verbose', action='store_true')
   args = ap.parse_args(argv)
+  if args.side_by_side:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import side_by_side
+    out = side_by_side.run(args.contestant or list(side_by_side.DEFAULT_LINEUP),
+                           rounds=args.rounds, steps=1, reference=None, data_dir=args.data_dir,
+                           baseline_commit=side_by_side.BASELINE_COMMIT, timeout=1800)
+    print(side_by_side.table(out))
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(out, f, indent=2)
+    return out
   res = bench(args)
   profiling.print_json(res)
   if args.json:

@@ -21,7 +21,8 @@ def get_config():
   m.dtype = 'bfloat16'
   d = cfg.data
   d.update(dict(batch_size=2, seq_len=1024, max_latent_tokens=256, max_vit_patches=512,
-                max_vae_images=4, vae_buffer_size=128, max_sample_tokens=1024,
+                max_vae_images=4, vae_buckets=((64, 64, 2), (128, 128, 3)), max_label_tokens=256,
+                max_sample_tokens=1024,
                 vit_max_size=224, vit_min_size=112, vae_max_size=128, vae_min_size=64))
   cfg.train.warmup_steps = 10
   cfg.mesh.data = -1

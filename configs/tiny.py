@@ -38,7 +38,8 @@ def get_config():
   m.dtype = 'float32'
   d = cfg.data
   d.update(dict(batch_size=4, seq_len=512, max_latent_tokens=128, max_vit_patches=256,
-                max_vae_images=8, vae_buffer_size=64, max_sample_tokens=512,
+                max_vae_images=8, vae_buckets=((32, 32, 2), (64, 64, 6)), max_label_tokens=256,
+                max_sample_tokens=512,
                 vit_max_size=64, vit_min_size=32, vae_max_size=64, vae_min_size=32,
                 cfg_dropout_text=0.1, cfg_dropout_vit=0.05, cfg_dropout_vae=0.05))
   t = cfg.train

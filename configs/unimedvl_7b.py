@@ -15,11 +15,15 @@ def get_config():
   cfg = default_config()
   cfg.name = 'unimedvl_7b'
   cfg.model.remat = 'full'
-  # UniMedVL's fine-tuning example
-  cfg.data.seq_len = 20000
+  # UniMedVL's fine-tuning example, except seq_len: 20480 = 40 x 512 (the example's 20000 is not
+  # a multiple of the attention kernels' block, which config.validate requires)
+  cfg.data.seq_len = 20480
   cfg.data.max_latent_tokens = 8192
   cfg.data.max_vit_patches = 12288
   cfg.data.max_sample_tokens = 17000
+  cfg.data.max_label_tokens = 4096
+  # pixel slots by size (images of other sizes need the latent cache: data.latent_cache)
+  cfg.data.vae_buckets = ((512, 512, 4), (1024, 1024, 1))
   cfg.data.cfg_dropout_text = 0.3
   cfg.data.cfg_dropout_vit = 0.05
   cfg.data.cfg_dropout_vae = 0.05

@@ -71,7 +71,10 @@ def model_defaults() -> ConfigDict:
       timestep_freq_dim=256,
       dtype='bfloat16',         # compute dtype
       param_dtype='float32',    # master weights
-      attention_impl='xla',     # 'xla' (reference), 'pallas', or 'auto'
+      attention_impl='auto',    # 'auto' (pallas on TPU/GPU, blocked elsewhere) | 'blocked'
+                                # (block-sparse XLA) | 'xla' (dense reference) | 'pallas'
+                                # | 'splash' (TPU) | 'cudnn' (GPU)
+      attention_block=64,       # query/key block of the 'blocked' attention
       remat='none',             # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
       scan_layers=True,
       init_std=0.02,
@@ -89,8 +92,15 @@ def data_defaults() -> ConfigDict:
       seq_len=32768,            # tokens per pack, T
       max_latent_tokens=8192,   # generation-expert (VAE latent) tokens per pack, L; U = T - L
       max_vit_patches=16384,    # ViT patches per pack, P
-      max_vae_images=8,         # VAE image slots per pack, N
-      vae_buffer_size=1024,     # VAE pixel buffer per slot is vae_buffer_size^2 (top-left packed)
+      max_vae_images=8,         # VAE images per pack, N
+      # VAE pixel slots by exact image size, ((h, w, n), ...): every image is encoded at its own
+      # size, never padded; an image whose size has no bucket is skipped ('vae_size'). () = one
+      # bucket (vae_max_size, vae_max_size, max_vae_images). Unused with a latent cache.
+      vae_buckets=(),
+      max_label_tokens=0,       # CE targets per pack, C (lm_head runs on these rows only); 0 = U
+      # zarr latent cache (tensorstore) of the frozen VAE's moments, written by
+      # `python -m unimedvl_jax.data cache-latents`; '' = encode pixels in the step
+      latent_cache='',
       max_sample_tokens=16384,  # longer samples are skipped and counted
       # --- image size rules (SPEC section 3) ---
       vit_max_size=980,
@@ -109,6 +119,7 @@ def data_defaults() -> ConfigDict:
       bad_check_min_samples=50,  # ... once at least this many samples were read (per worker)
       pack_lookahead=8,         # samples that did not fit, held for later packs (first-fit)
       groups=ConfigDict(),      # dataset groups: name -> {jsonl, weight, mandatory, ...}
+      allow_outside_root=False,  # image paths may leave the data root (../, absolute, symlinks)
   ))
 
 
@@ -177,7 +188,7 @@ def stage_train_config(cfg, stage: str | None) -> ConfigDict:
 
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
-_ATTN = ('xla', 'pallas', 'auto')
+_ATTN = ('xla', 'blocked', 'pallas', 'splash', 'cudnn', 'auto')
 _REMAT = ('none', 'full', 'dots', 'dots_no_batch')
 _FREEZABLE = ('vae', 'vit', 'connector', 'llm', 'und', 'gen', 'adapters')
 
@@ -225,6 +236,9 @@ def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
   _require(m.attention_impl in _ATTN, f'{prefix}.attention_impl',
            f'must be one of {_ATTN}, got {m.attention_impl!r}')
   _require(m.remat in _REMAT, f'{prefix}.remat', f'must be one of {_REMAT}, got {m.remat!r}')
+  blk = m.get('attention_block', 64)
+  _require(isinstance(blk, int) and blk > 0 and blk % 8 == 0, f'{prefix}.attention_block',
+           f'must be a positive multiple of 8, got {blk!r}')
 
 
 def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> None:
@@ -233,11 +247,24 @@ def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> Non
            f'must be in [0, seq_len={d.seq_len}), got {d.max_latent_tokens}')
   _require(d.max_vit_patches >= 0, f'{prefix}.max_vit_patches', 'must be >= 0')
   _require(d.max_vae_images >= 0, f'{prefix}.max_vae_images', 'must be >= 0')
-  tok_px = 8 * model.latent_patch_size
-  _require(d.vae_buffer_size % tok_px == 0, f'{prefix}.vae_buffer_size',
-           f'must be a multiple of {tok_px} (pixels per latent token), got {d.vae_buffer_size}')
-  _require(d.vae_max_size <= d.vae_buffer_size, f'{prefix}.vae_max_size',
-           f'must be <= vae_buffer_size ({d.vae_buffer_size}), got {d.vae_max_size}')
+  from unimedvl_jax.batch import vae_downsample
+  tok_px = vae_downsample(model) * model.latent_patch_size
+  _require(d.max_label_tokens >= 0, f'{prefix}.max_label_tokens',
+           f'must be >= 0 (0 = seq_len - max_latent_tokens), got {d.max_label_tokens}')
+  buckets = tuple(d.vae_buckets)
+  for i, b in enumerate(buckets):
+    ok = isinstance(b, (tuple, list)) and len(b) == 3 and all(
+        isinstance(x, int) and x > 0 for x in b)
+    _require(ok, f'{prefix}.vae_buckets[{i}]', f'must be (height, width, slots) positive ints, got {b!r}')
+    h, w, _ = b
+    _require(h % tok_px == 0 and w % tok_px == 0, f'{prefix}.vae_buckets[{i}]',
+             f'{h}x{w} must be multiples of {tok_px} (pixels per latent token)')
+    _require(max(h, w) // tok_px <= model.max_latent_size, f'{prefix}.vae_buckets[{i}]',
+             f'{h}x{w} needs a latent grid over model.max_latent_size ({model.max_latent_size})')
+  sizes = [tuple(b[:2]) for b in buckets]
+  _require(len(set(sizes)) == len(sizes), f'{prefix}.vae_buckets', f'duplicate sizes in {buckets}')
+  _require(d.vae_max_size % tok_px == 0 or buckets, f'{prefix}.vae_max_size',
+           f'must be a multiple of {tok_px} (pixels per latent token), got {d.vae_max_size}')
   _require(d.vae_max_size // tok_px <= model.max_latent_size, f'{prefix}.vae_max_size',
            f'{d.vae_max_size}px needs a latent grid of {d.vae_max_size // tok_px} > '
            f'model.max_latent_size ({model.max_latent_size})')
@@ -257,6 +284,8 @@ def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> Non
            f'must be >= 1, got {d.pack_lookahead}')
   _require(d.max_sample_tokens > 0, f'{prefix}.max_sample_tokens',
            f'must be > 0, got {d.max_sample_tokens}')
+  _require(isinstance(d.get('allow_outside_root', False), bool), f'{prefix}.allow_outside_root',
+           f"must be True or False, got {d.get('allow_outside_root')!r}")
   for name, g in d.groups.items():
     _require('jsonl' in g and isinstance(g.jsonl, str) and g.jsonl.strip(),
              f'{prefix}.groups.{name}.jsonl', 'must be a path (or comma-separated paths)')
@@ -264,22 +293,86 @@ def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> Non
              f"must be >= 0, got {g.get('weight')}")
 
 
+def _real(v) -> bool:
+  """A finite int or float (bools are not numbers here)."""
+  import math
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kernel_seq_multiples(impl: str, T: int) -> dict:
+  """{kernel: the multiple it pads a length-T sequence to} for the kernels `impl` selects.
+  'pallas' may run either Pallas backend, so both must divide T. 'auto' is not checked here: it
+  is the blocked XLA attention on CPU (any T) and pads on an accelerator; configs meant for pods
+  (configs/unimedvl_7b.py) use multiples of 512."""
+  if impl == 'pallas':
+    from unimedvl_jax.kernels.flash_attention import seq_multiple
+    return {f'pallas {b}': seq_multiple(T, b) for b in ('tpu', 'generic')}
+  if impl == 'splash':
+    from unimedvl_jax.kernels.splash import seq_multiple
+    return {'splash': seq_multiple(T)}
+  return {}
+
+
+def validate_attention_blocks(m: ConfigDict, d: ConfigDict, prefix: str = 'data') -> None:
+  """With a block kernel selected, data.seq_len must be a multiple of its block: otherwise every
+  attention call of every layer pads the pack to the next block and slices the result."""
+  for kernel, mult in _kernel_seq_multiples(m.attention_impl, int(d.seq_len)).items():
+    _require(d.seq_len % mult == 0, f'{prefix}.seq_len',
+             f'must be a multiple of {mult} (the {kernel} attention block) with '
+             f'model.attention_impl={m.attention_impl!r}, got {d.seq_len} (next: '
+             f'{-(-d.seq_len // mult) * mult})')
+
+
 def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
-  _require(t.lr >= 0, f'{prefix}.lr', f'must be >= 0, got {t.lr}')
+  """Every train field: type and range. Raises ConfigError naming the field."""
+  def num(name, ok, what):
+    v = t[name]
+    _require(_real(v) and ok(v), f'{prefix}.{name}', f'must be a finite number {what}, got {v!r}')
+
+  def count(name, lo):
+    v = t[name]
+    _require(_integer(v) and v >= lo, f'{prefix}.{name}', f'must be an integer >= {lo}, got {v!r}')
+
+  num('lr', lambda v: v >= 0, '>= 0')
+  num('min_lr', lambda v: v >= 0, '>= 0')
   _require(t.schedule in ('constant', 'cosine'), f'{prefix}.schedule',
            f"must be 'constant' or 'cosine', got {t.schedule!r}")
-  _require(t.warmup_steps >= 0, f'{prefix}.warmup_steps', 'must be >= 0')
-  _require(0 <= t.ema_decay <= 1, f'{prefix}.ema_decay', f'must be in [0, 1], got {t.ema_decay}')
-  _require(t.grad_accum >= 1, f'{prefix}.grad_accum', f'must be >= 1, got {t.grad_accum}')
-  _require(t.timestep_shift > 0, f'{prefix}.timestep_shift', 'must be > 0')
+  count('warmup_steps', 0)
+  num('b1', lambda v: 0 <= v < 1, 'in [0, 1)')
+  num('b2', lambda v: 0 <= v < 1, 'in [0, 1)')
+  num('eps', lambda v: v > 0, '> 0')
+  num('weight_decay', lambda v: v >= 0, '>= 0')
+  num('grad_clip', lambda v: v > 0, '> 0 (the global-norm clip)')
+  count('grad_accum', 1)
+  num('ema_decay', lambda v: 0 <= v <= 1, 'in [0, 1]')
+  num('ce_weight', lambda v: v >= 0, '>= 0')
+  num('mse_weight', lambda v: v >= 0, '>= 0')
+  num('timestep_shift', lambda v: v > 0, '> 0')
+  _require(isinstance(t.freeze, (tuple, list)), f'{prefix}.freeze',
+           f'must be a tuple of module names, got {t.freeze!r}')
   for f in t.freeze:
     _require(f in _FREEZABLE, f'{prefix}.freeze', f'unknown module {f!r}; choose from {_FREEZABLE}')
+  count('total_steps', 0)
+  count('log_every', 1)
+  count('checkpoint_every', 1)
+  count('keep_checkpoints', 1)
+  count('max_nonfinite_steps', 0)
+  _require(isinstance(t.profile_steps, (tuple, list))
+           and all(_integer(s) and s >= 0 for s in t.profile_steps), f'{prefix}.profile_steps',
+           f'must be a tuple of step numbers >= 0, got {t.profile_steps!r}')
+  _require(isinstance(t.dump_hlo, bool), f'{prefix}.dump_hlo',
+           f'must be True or False, got {t.dump_hlo!r}')
 
 
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Checks every section; returns cfg so it can be chained. Raises ConfigError."""
   validate_model(cfg.model)
   validate_data(cfg.data, cfg.model)
+  validate_attention_blocks(cfg.model, cfg.data)
   validate_train(cfg.train)
   for axis in ('data', 'fsdp', 'tensor'):
     v = cfg.mesh[axis]

@@ -3,6 +3,15 @@
     python -m unimedvl_jax.evaluate --checkpoint runs/tiny --data DIR/val/vqa.jsonl,DIR/val/edit.jsonl \
         --out report.json [--root DIR] [--max-samples 50] [--samples-dir out/samples]
 
+    python -m unimedvl_jax.evaluate --workdir runs/tiny [--split test] [--max-samples 48]
+        [--vqa-samples 384] [--noablation] [--num-steps 20]
+
+The second form (re-)evaluates a training workdir on its own data's held-out split and writes
+the report a person reads: WORKDIR/eval/report.md (targets vs trivial baselines, the blank-input
+ablation of VQA and segmentation, loss curves per stage, sample grids), report.json, samples,
+and TensorBoard image summaries in WORKDIR/tb (unimedvl_jax/eval/report.py); it is what
+`python -m unimedvl_jax.train ... --evaluate` runs after training.
+
 The data root (image paths are relative to it) defaults to the nearest ancestor of the first
 JSONL holding a manifest.json (the embedded synthetic dataset), else the JSONL's directory. The
 report's `protocol` section states prompts, decoding and sampler settings, seeds, splits and
@@ -32,7 +41,14 @@ def define_flags():
   flags.DEFINE_bool('ema', True, 'use the EMA weights (else the raw params)')
   flags.DEFINE_string('config', None, 'configs/*.py the checkpoint must match (optional)')
   flags.DEFINE_string('tokenizer', None, 'tokenizer file (default: config / data root)')
-  for _name in ('max-samples', 'samples-dir', 'batch-size', 'num-steps', 'max-new-tokens'):
+  flags.DEFINE_string('workdir', None, 'evaluate this training workdir on its data split and '
+                      'write WORKDIR/eval/report.md (instead of --checkpoint/--data/--out)')
+  flags.DEFINE_string('split', 'test', '--workdir: the split to evaluate')
+  flags.DEFINE_integer('vqa-samples', 384, '--workdir: VQA samples (split by question kind)')
+  flags.DEFINE_bool('ablation', True, '--workdir: re-run VQA and segmentation with blank '
+                    '(grey) input images')
+  for _name in ('max-samples', 'samples-dir', 'batch-size', 'num-steps', 'max-new-tokens',
+                'vqa-samples'):
     flags.DEFINE_alias(_name.replace('-', '_'), _name)
 
 
@@ -83,6 +99,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   from unimedvl_jax.infer.loading import LoadError
+  if FLAGS.workdir:
+    from unimedvl_jax.data.jsonl import DataError
+    from unimedvl_jax.eval.report import evaluate_workdir
+    try:
+      rep = evaluate_workdir(FLAGS.workdir, split=FLAGS.split,
+                             max_per_task=FLAGS['max-samples'].value or 48,
+                             vqa_samples=FLAGS['vqa-samples'].value,
+                             image_steps=FLAGS['num-steps'].value or 20, seed=FLAGS.seed,
+                             ablation=FLAGS.ablation)
+    except (LoadError, FileNotFoundError, ValueError, DataError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    met = rep['headline']['targets_met']
+    print(f"wrote {os.path.join(FLAGS.workdir, 'eval', 'report.md')}: "
+          f"{sum(1 for v in met.values() if v)} of {len(met)} targets met")
+    return 0
+  missing = [n for n in ('checkpoint', 'data', 'out') if not FLAGS[n].value]
+  if missing:
+    raise app.UsageError(f'give --workdir, or all of --checkpoint --data --out (missing: '
+                         f'{", ".join("--" + m for m in missing)})')
   try:
     run(FLAGS.checkpoint, FLAGS.data, FLAGS.out, root=FLAGS.root,
         max_samples=FLAGS['max-samples'].value, samples_dir=FLAGS['samples-dir'].value,
@@ -98,5 +134,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  flags.mark_flags_as_required(['checkpoint', 'data', 'out'])
   app.run(lambda argv: sys.exit(main(argv)))

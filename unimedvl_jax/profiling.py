@@ -2,7 +2,9 @@
 
 FLOPs convention (documented once, used by every benchmark and by `inspect`):
 - a matmul of [m, k] x [k, n] is 2*m*k*n FLOPs; elementwise ops, norms, softmax are not counted;
-- every token slot of the static pack budget is counted (padding included: it is computed);
+- every token slot of the static pack budget is counted in the decoder layers (padding included:
+  it is computed), but only useful work elsewhere: lm_head at the CE rows (label tokens), the VAE
+  encoder at the real images (their own sizes; nothing with a latent cache);
 - attention counts 4*D FLOPs per (query head, key) pair that the mask ALLOWS (QK^T and PV), so
   causal text is counted about halved and invisible noised images not at all; when the pairs are
   unknown (planning) a causal sequence is assumed (T*(T+1)/2 pairs);
@@ -64,12 +66,13 @@ def param_counts(cfg_model) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ analytic FLOPs
 
-def _vae_encoder_flops(vae, size: int) -> float:
-  """Forward FLOPs of the FLUX encoder on one size x size image (convs + mid attention)."""
+def _vae_encoder_flops(vae, size, width: int | None = None) -> float:
+  """Forward FLOPs of the FLUX encoder on one size x size (or size x width) image (convs + mid
+  attention)."""
   ch, mult, nres, z = vae.base_channels, tuple(vae.channel_mult), vae.num_res_blocks, vae.z_channels
   conv = lambda h, w, ci, co, k: 2.0 * h * w * ci * co * k * k
   f = 0.0
-  h = w = size
+  h, w = size, size if width is None else width
   f += conv(h, w, vae.in_channels, ch, 3)
   cin = ch
   for i, m in enumerate(mult):
@@ -89,11 +92,12 @@ def _vae_encoder_flops(vae, size: int) -> float:
   return f
 
 
-def _vae_decoder_flops(vae, size: int) -> float:
-  """Forward FLOPs of the FLUX decoder producing one size x size image (convs + mid attention)."""
+def _vae_decoder_flops(vae, size, width: int | None = None) -> float:
+  """Forward FLOPs of the FLUX decoder producing one size x size (or size x width) image."""
   ch, mult, nres, z = vae.base_channels, tuple(vae.channel_mult), vae.num_res_blocks, vae.z_channels
   conv = lambda h, w, ci, co, k: 2.0 * h * w * ci * co * k * k
-  h = w = size // 2 ** (len(mult) - 1)
+  h = size // 2 ** (len(mult) - 1)
+  w = (size if width is None else width) // 2 ** (len(mult) - 1)
   c = ch * mult[-1]
   f = conv(h, w, z, c, 3)
   f += 2 * (conv(h, w, c, c, 3) * 2) + 4 * conv(h, w, c, c, 1) + 2 * 2.0 * (h * w) ** 2 * c
@@ -111,27 +115,62 @@ def _vae_decoder_flops(vae, size: int) -> float:
   return f + conv(h, w, cin, vae.in_channels, 3)
 
 
-def vae_stage_flops_per_step(cfg, slots: int) -> float:
+def vae_stage_flops_per_step(cfg, slots: int, batch=None) -> float:
   """Analytic FLOPs of one step of the 'vae' objective (train/step.py vae_objective): encoder and
-  decoder forward + backward (3x forward) on `slots` images of every pack."""
-  d = cfg.data
-  n = d.batch_size * min(int(d.max_vae_images), slots)
-  S = int(d.vae_buffer_size)
-  return 3.0 * n * (_vae_encoder_flops(cfg.model.vae, S) + _vae_decoder_flops(cfg.model.vae, S))
+  decoder forward + backward (3x forward) on the first `slots` slots of every size bucket of
+  every pack (with `batch`: only the slots that hold an image)."""
+  from unimedvl_jax.batch import Geometry, bucket_key
+  v, B = cfg.model.vae, cfg.data.batch_size
+  total = 0.0
+  for h, w, n in Geometry.from_config(cfg).vae_buckets:
+    k = min(n, slots)
+    used = B * k if batch is None else int(np.sum(np.asarray(batch[bucket_key(h, w) + '_image'])
+                                                  [:, :k] >= 0))
+    total += used * (_vae_encoder_flops(v, h, w) + _vae_decoder_flops(v, h, w))
+  return 3.0 * total
+
+
+def batch_work(cfg, batch) -> dict:
+  """The useful work of one packed batch: allowed attention pairs, ViT pairs, CE rows and the
+  (h, w) of every VAE image the step encodes (none with a latent cache)."""
+  vit = np.asarray(batch['vit_segment_ids'])
+  vit_pairs = 0.0
+  for row in vit:
+    _, counts = np.unique(row[row != 0], return_counts=True)
+    vit_pairs += float(np.sum(counts.astype(np.float64) ** 2))
+  sizes = []
+  for k in batch:
+    if k.startswith('vae_') and k.endswith('_image') and k != 'vae_image_noised':
+      h, w = (int(x) for x in k[4:-6].split('x'))
+      sizes += [(h, w)] * int(np.sum(np.asarray(batch[k]) >= 0))
+  return dict(attn_pairs=allowed_pairs(batch), vit_pairs=vit_pairs,
+              label_tokens=float(np.sum(np.asarray(batch['loss_mask']))), vae_images=sizes)
 
 
 def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: float | None = None,
-                         frozen: tuple[str, ...] | None = None) -> dict[str, float]:
-  """Analytic training FLOPs of one step at the config's static budgets (see module doc).
+                         frozen: tuple[str, ...] | None = None, label_tokens: float | None = None,
+                         vae_images=None, batch=None) -> dict[str, float]:
+  """Analytic training FLOPs of one step: the USEFUL work only (see module doc).
 
+  batch: a packed (numpy) batch; its exact work (`batch_work`) fills the arguments below.
   attn_pairs: allowed (query, key) pairs summed over the batch (None -> causal over T).
   vit_pairs: allowed ViT pairs summed over the batch (None -> P^2 / 4, i.e. ~4 images per pack).
+  label_tokens: CE rows of the batch (lm_head runs there only; None -> the label budget C).
+  vae_images: [(h, w), ...] images the frozen VAE encodes in the step (None -> every slot of
+    every size bucket; [] with a latent cache).
   """
+  if batch is not None:
+    w = batch_work(cfg, batch)
+    attn_pairs = w['attn_pairs'] if attn_pairs is None else attn_pairs
+    vit_pairs = w['vit_pairs'] if vit_pairs is None else vit_pairs
+    label_tokens = w['label_tokens'] if label_tokens is None else label_tokens
+    vae_images = w['vae_images'] if vae_images is None else vae_images
+  from unimedvl_jax.batch import Geometry
+  geom = Geometry.from_config(cfg)
   m, d = cfg.model, cfg.data
   llm = m.llm
   frozen = tuple(cfg.train.freeze) if frozen is None else frozen
   B, T, L = d.batch_size, d.seq_len, d.max_latent_tokens
-  U = T - L
   H, D, Hq, Hkv, I, V = (llm.hidden_size, llm.head_dim, llm.num_heads, llm.num_kv_heads,
                          llm.intermediate_size, llm.vocab_size)
   layer_params = H * Hq * D + 2 * H * Hkv * D + Hq * D * H + 3 * H * I
@@ -140,7 +179,9 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
   if attn_pairs is None:
     attn_pairs = B * T * (T + 1) / 2
   fwd['llm_attention'] = 4.0 * D * Hq * attn_pairs * llm.num_layers
-  fwd['lm_head'] = 2.0 * H * V * B * U
+  if label_tokens is None:
+    label_tokens = B * geom.labels
+  fwd['lm_head'] = 2.0 * H * V * label_tokens
   out = {}
   if m.vit.enabled and d.max_vit_patches > 0:
     v = m.vit
@@ -158,7 +199,10 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
     fwd['connector'] = conn
   if m.vae.enabled and L > 0:
     fwd['gen_adapters'] = 2.0 * B * L * (64 * H + m.timestep_freq_dim * H + H * H + H * 64)
-    out['vae_frozen_fwd'] = B * d.max_vae_images * _vae_encoder_flops(m.vae, d.vae_buffer_size)
+    if vae_images is None:
+      vae_images = ([] if geom.latent_cache else
+                    [(h, w) for h, w, n in geom.vae_buckets for _ in range(n * B)])
+    out['vae_frozen_fwd'] = float(sum(_vae_encoder_flops(m.vae, h, w) for h, w in vae_images))
   out['forward'] = sum(fwd.values()) + out.get('vit_frozen_fwd', 0.0) + out.get('vae_frozen_fwd', 0.0)
   out['train'] = 3.0 * sum(fwd.values()) + out.get('vit_frozen_fwd', 0.0) + out.get('vae_frozen_fwd', 0.0)
   out.update({f'fwd_{k}': val for k, val in fwd.items()})
@@ -172,19 +216,18 @@ def expert_layer_flops(cfg, tokens: int) -> float:
   return 2.0 * tokens * (H * Hq * D + 2 * H * Hkv * D + Hq * D * H + 3 * H * I)
 
 
-def allowed_pairs(batch, heads_free: bool = True) -> float:
-  """Exact allowed (q, k) pairs of a packed numpy batch (for the attention FLOPs)."""
+def allowed_pairs(batch) -> float:
+  """Exact allowed (q, k) pairs of a packed numpy batch (the attention FLOPs), by the one rule
+  `batch.allowed` evaluated per pack in numpy."""
+  from unimedvl_jax.batch import allowed
   seg, spl, mode = (np.asarray(batch[k]) for k in ('segment_ids', 'split_ids', 'split_modes'))
   total = 0.0
   for b in range(seg.shape[0]):
-    s, p, mo = seg[b], spl[b], mode[b]
-    idx = np.arange(s.shape[0])
-    same = (s[:, None] == s[None, :]) & (s[:, None] != 0)
-    earlier = p[None, :] < p[:, None]
-    same_split = p[None, :] == p[:, None]
-    inside = same_split & ((mo[:, None] != 0) | (idx[None, :] <= idx[:, None]))
-    hidden = (mo[None, :] == 2) & ~same_split
-    total += float(np.sum(same & (earlier | inside) & ~hidden))
+    q = lambda a: a[b][:, None]
+    k = lambda a: a[b][None, :]
+    idx = np.arange(seg.shape[1])
+    total += float(np.sum(allowed(q(seg), q(spl), q(mode), idx[:, None],
+                                  k(seg), k(spl), k(mode), idx[None, :])))
   return total
 
 

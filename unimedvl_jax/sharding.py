@@ -184,23 +184,24 @@ def _divisible_axes(axes: Sequence[str], size: int, mesh: Mesh) -> tuple[str, ..
   return tuple(keep)
 
 
-def shard_map_attention(fn, q, k, v, *meta):
+def shard_map_attention(fn, q, k, v, *meta, head_axis: int = 2):
   """Runs a per-shard attention kernel `fn(q, k, v, *meta)` under `jax.shard_map` on the active
   mesh (a plain call without one). Custom kernels (Pallas/Mosaic) cannot be partitioned by XLA,
   so each device runs the kernel on its own packs and heads: q/k/v [B, T, H, D] split over the
   batch axes ('data', 'fsdp') and over 'tensor' on the heads when both Hq and Hkv divide (so a
   kv head and its query group stay on one device); metadata [B, T] split over the batch axes.
-  The sequence is never split (no context parallelism here)."""
+  The sequence is never split (no context parallelism here). head_axis: 2 for [B, T, H, D]
+  arrays, 1 for head-major [B, H, T, D]."""
   mesh = active_mesh()
   if mesh is None or mesh.size == 1:
     return fn(q, k, v, *meta)
-  B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
+  B, Hq, Hkv = q.shape[0], q.shape[head_axis], k.shape[head_axis]
   b = _divisible_axes(RULES['batch'] if not isinstance(RULES['batch'], str)
                       else (RULES['batch'],), B, mesh)
   t = mesh.shape['tensor']
   h = 'tensor' if t > 1 and Hq % t == 0 and Hkv % t == 0 else None
   bspec = b if len(b) > 1 else (b[0] if b else None)
-  x_spec = P(bspec, None, h, None)
+  x_spec = P(bspec, None, h, None) if head_axis == 2 else P(bspec, h, None, None)
   m_spec = P(bspec, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + (m_spec,) * len(meta),
                        out_specs=x_spec, check_vma=False)(q, k, v, *meta)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from unimedvl_jax.data.check import builtin_config, check
+from unimedvl_jax.data.jsonl import SAMPLE_ERROR_REASONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,8 +73,10 @@ def test_check_counts_every_reason(bad_dir, synthetic_dir):
   root, f = bad_dir
   r = check([str(f)], root=str(root), cfg=_cfg(synthetic_dir))
   assert r['samples_read'] == 8 and r['usable'] == 2
-  assert r['skipped'] == {'malformed_json': 1, 'missing_fields': 1, 'missing_file': 1,
-                          'undecodable_image': 1, 'too_long': 1, 'unsupported_dicom': 1}
+  assert {k: v for k, v in r['skipped'].items() if v} == {
+      'malformed_json': 1, 'missing_fields': 1, 'missing_file': 1, 'undecodable_image': 1,
+      'too_long': 1, 'unsupported_dicom': 1}
+  assert set(r['skipped']) == set(SAMPLE_ERROR_REASONS) == set(r['reasons'])
   where = {k: v[0].split(': ')[0] for k, v in r['examples'].items()}
   assert where == {'malformed_json': f'{f}:2', 'missing_fields': f'{f}:3',
                    'missing_file': f'{f}:4', 'undecodable_image': f'{f}:5',

@@ -11,10 +11,15 @@ from unimedvl_jax.data.plans import Geometry, PlanItem, Specials, tokenize
 SP = Specials(im_start=100, im_end=101, vision_start=102, vision_end=103)
 
 
-def _cfg(T=32, L=8, P=4, N=2, S=32, B=1):
+ALL_SIZES = ((16, 16), (16, 32), (32, 16), (32, 32))
+
+
+def _cfg(T=32, L=8, P=4, N=2, B=1, C=0, buckets=None):
   cfg = default_config()
+  buckets = tuple((h, w, N) for h, w in ALL_SIZES) if buckets is None else buckets
   cfg.data.update(dict(batch_size=B, seq_len=T, max_latent_tokens=L, max_vit_patches=P,
-                       max_vae_images=N, vae_buffer_size=S, max_sample_tokens=T))
+                       max_vae_images=N, vae_buckets=buckets, max_label_tokens=C,
+                       max_sample_tokens=T))
   cfg.model.vit.update(dict(patch_size=2, grid_size=4))
   cfg.model.max_latent_size = 2
   return cfg
@@ -24,17 +29,17 @@ def _text(ids, loss=False, cfg=False):
   return PlanItem('text', loss=loss, enable_cfg=cfg, ids=np.array(ids, np.int32))
 
 
-def _vit(nh, nw, val=1.0):
-  return PlanItem('vit', grid=(nh, nw), patches=np.full((nh * nw, 12), val, np.float32))
+def _vit(nh, nw, val=1):
+  return PlanItem('vit', grid=(nh, nw), patches=np.full((nh * nw, 12), val, np.uint8))
 
 
-def _vae(gh, gw, noised=False, val=0.5):
+def _vae(gh, gw, noised=False, val=128):
   return PlanItem('vae', noised=noised, loss=noised, grid=(gh, gw),
-                  pixels=np.full((16 * gh, 16 * gw, 3), val, np.float32))
+                  pixels=np.full((16 * gh, 16 * gw, 3), val, np.uint8))
 
 
 def test_hand_written_pack():
-  cfg = _cfg()
+  cfg = _cfg(buckets=((16, 32, 2),))
   g = Geometry.from_config(cfg)
   a = tokenize([_vit(1, 2), _text([5], loss=True)], SP, g, loc='a')
   b = tokenize([_text([6], cfg=True), _vae(1, 2, noised=True)], SP, g, loc='b')
@@ -51,6 +56,7 @@ def test_hand_written_pack():
       token_type=[1, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 1] + pad,
       label_ids=[0, 0, 0, 0, 5, 101, 0, 0, 0, 0, 0, 0, 0, 0] + pad,
       loss_mask=[0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0] + pad,
+      label_pos=[4, 5] + [32] * 22,
       und_idx=list(range(11)) + [13] + list(range(14, 26)),
       gen_idx=[11, 12, 26, 27, 28, 29, 30, 31],
       vit_segment_ids=[1, 1, 0, 0],
@@ -59,14 +65,15 @@ def test_hand_written_pack():
       vae_image_noised=[1, 0],
       latent_mask=[1, 1, 0, 0, 0, 0, 0, 0],
       latent_image=[0] * 8,
-      latent_patch=[0, 1, 0, 0, 0, 0, 0, 0],
+      latent_src=[0, 1, 0, 0, 0, 0, 0, 0],
+      vae_16x32_image=[0, -1],
       latent_pos_ids=[0, 1, 0, 0, 0, 0, 0, 0],
       latent_noised=[1, 1, 0, 0, 0, 0, 0, 0])
   for k, v in exp.items():
     assert batch[k][0].tolist() == v, k
   assert (batch['vit_patches'][0, :2] == 1).all() and (batch['vit_patches'][0, 2:] == 0).all()
-  img = batch['vae_images'][0]
-  assert (img[0, :16, :32] == 0.5).all() and (img[0, 16:] == 0).all() and (img[1] == 0).all()
+  img = batch['vae_16x32'][0]
+  assert img.shape == (2, 16, 32, 3) and (img[0] == 128).all() and (img[1] == 0).all()
 
 
 def test_empty_pack_is_all_padding_and_valid():
@@ -92,7 +99,7 @@ def _random_items(rng):
 
 
 def test_random_stream_invariants():
-  cfg = _cfg(T=96, L=24, P=16, N=3, S=32, B=3)
+  cfg = _cfg(T=96, L=24, P=16, N=3, B=3, C=30)
   g = Geometry.from_config(cfg)
   rng = np.random.default_rng(0)
   samples = []
@@ -114,7 +121,7 @@ def test_random_stream_invariants():
     packing.check_pack_invariants(batch, g)
     for b, p in enumerate(packs):
       assert p.n_tokens <= g.T and p.n_lat <= g.L and p.n_und <= g.U
-      assert p.n_patches <= g.P and p.n_vae <= g.N
+      assert p.n_patches <= g.P and p.n_vae <= g.N and p.n_labels <= g.labels
       start = 0
       for i, s in enumerate(p.samples):   # every sample whole, contiguous, unchanged
         sl = slice(start, start + s.n_tokens)

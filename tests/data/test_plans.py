@@ -11,10 +11,9 @@ from unimedvl_jax.data.plans import (Geometry, PlanItem, Specials, plan_sample, 
                                      tokenize)
 
 SP = Specials(im_start=100, im_end=101, vision_start=102, vision_end=103)
-# vit patch 2 (K = 12), vit grid 4; 16 px per latent token; VAE buffer 64 px (4x4 latent grid);
-# latent position table 3 wide (so latent_patch and latent_pos_ids differ)
-GEOM = Geometry(T=64, L=16, P=16, N=4, S=64, vit_patch=2, vit_grid=4, latent_px=16,
-                max_latent_size=3)
+# vit patch 2 (K = 12), vit grid 4; 16 px per latent token; latent position table 3 wide
+GEOM = Geometry(T=64, L=16, P=16, N=4, vit_patch=2, vit_grid=4, latent_px=16, max_latent_size=3,
+                buckets=((16, 16, 2), (32, 32, 2)))
 
 
 def _sample(message, inp=(), out=(), sub=''):
@@ -107,12 +106,12 @@ def _text(ids, loss=False, cfg=False):
 
 def _vit(nh, nw, cfg=False):
   return PlanItem('vit', enable_cfg=cfg, grid=(nh, nw),
-                  patches=np.arange(nh * nw * 12, dtype=np.float32).reshape(nh * nw, 12))
+                  patches=(np.arange(nh * nw * 12) % 256).astype(np.uint8).reshape(nh * nw, 12))
 
 
 def _vae(gh, gw, noised=False, cfg=False):
   return PlanItem('vae', enable_cfg=cfg, noised=noised, loss=noised, grid=(gh, gw),
-                  pixels=np.full((16 * gh, 16 * gw, 3), 0.5, np.float32))
+                  pixels=np.full((16 * gh, 16 * gw, 3), 128, np.uint8))
 
 
 def _arrays(ts):
@@ -152,11 +151,11 @@ def test_tokens_text_to_image():
       tt=[1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 1],
       lab=[0, 0, 0, 6, 101, 0, 0, 0, 0, 0, 0, 0],
       mask=[0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0])
-  (pixels, noised, tok, lpatch, lpos), = ts.vae
-  assert noised and pixels.shape == (32, 32, 3)
-  assert tok.tolist() == [7, 8, 9, 10]
-  assert lpatch.tolist() == [0, 1, 4, 5]      # row * (S // 16 = 4) + col
-  assert lpos.tolist() == [0, 1, 3, 4]        # row * max_latent_size(3) + col
+  v, = ts.vae
+  assert v.noised and v.pixels.shape == (32, 32, 3) and v.pixels.dtype == np.uint8
+  assert v.size == (32, 32) and v.moments is None
+  assert v.tok.tolist() == [7, 8, 9, 10]
+  assert v.lpos.tolist() == [0, 1, 3, 4]        # row * max_latent_size(3) + col
   assert (ts.n_tokens, ts.n_und, ts.n_lat, ts.n_vae) == (12, 8, 4, 1)
 
 
@@ -173,8 +172,8 @@ def test_tokens_editing():
       tt=[1, 3, 3, 3, 3, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 1],
       lab=[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 101, 0, 0, 0, 0, 0, 0, 0],
       mask=[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0])
-  assert [v[1] for v in ts.vae] == [False, True]
-  assert ts.vae[0][2].tolist() == [1, 2, 3, 4] and ts.vae[1][2].tolist() == [16, 17, 18, 19]
+  assert [v.noised for v in ts.vae] == [False, True]
+  assert ts.vae[0].tok.tolist() == [1, 2, 3, 4] and ts.vae[1].tok.tolist() == [16, 17, 18, 19]
   assert ts.vit[0][2].tolist() == [7]
 
 
@@ -215,7 +214,7 @@ def test_cfg_dropout_image_advances_text_does_not():
       tt=[1, 2, 1, 1, 1, 1, 1, 3, 3, 3, 3, 1],
       lab=[0, 0, 0, 6, 101, 0, 0, 0, 0, 0, 0, 0],
       mask=[0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0])
-  assert len(ts.vae) == 1 and ts.vae[0][1]
+  assert len(ts.vae) == 1 and ts.vae[0].noised
 
 
 def test_cfg_dropout_is_seeded_and_per_kind():
@@ -231,12 +230,16 @@ def test_cfg_dropout_is_seeded_and_per_kind():
 
 
 def test_budget_problem():
-  g = Geometry(T=16, L=4, P=4, N=1, S=32, vit_patch=2, vit_grid=4, latent_px=16,
-               max_latent_size=2, max_sample_tokens=12)
+  g = Geometry(T=16, L=4, P=4, N=1, vit_patch=2, vit_grid=4, latent_px=16, C=9,
+               max_latent_size=2, max_sample_tokens=12, buckets=((16, 16, 1),))
   assert tokenize([_text([1] * 8, loss=True)], SP, g).budget_problem(g) is None   # 10 tokens
   assert 'max_sample_tokens' in tokenize([_text([1] * 11, loss=True)], SP, g).budget_problem(g)
   assert 'VAE images' in tokenize([_vae(1, 1), _vae(1, 1, noised=True)], SP, g).budget_problem(g)
   assert 'ViT patches' in tokenize([_vit(1, 5), _text([1], loss=True)], SP, g).budget_problem(g)
+  assert 'CE targets' in tokenize([_text([1] * 9, loss=True)], SP, g).budget_problem(g)  # 10 > 9
+  assert 'data.vae_buckets' in tokenize([_vae(1, 2, noised=True)], SP, g).budget_problem(g)
+  g2 = dataclasses.replace(g, N=2)
+  assert '1 slots' in tokenize([_vae(1, 1), _vae(1, 1, noised=True)], SP, g2).budget_problem(g2)
 
 
 def test_materialize_real_images_token_counts(tmp_path, tokenizer):
@@ -245,9 +248,9 @@ def test_materialize_real_images_token_counts(tmp_path, tokenizer):
   from unimedvl_jax.data.plans import materialize
   Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(tmp_path / 'in.png')
   Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(tmp_path / 'out.png')
-  g = Geometry(T=512, L=128, P=256, N=8, S=64, vit_patch=8, vit_grid=8, latent_px=16,
+  g = Geometry(T=512, L=128, P=256, N=8, vit_patch=8, vit_grid=8, latent_px=16,
                max_latent_size=4, vit_max_size=64, vit_min_size=32, vae_max_size=64,
-               vae_min_size=32)
+               vae_min_size=32, buckets=((48, 64, 2), (64, 64, 2)))
   s = Sample('f.jsonl', 3, '', 'segmentation', '', (ImageRef(str(tmp_path / 'in.png')),),
              (ImageRef(str(tmp_path / 'out.png')),),
              (Turn('human', '<image>\nSegment.'), Turn('gpt', 'Done.')), {})
@@ -255,7 +258,14 @@ def test_materialize_real_images_token_counts(tmp_path, tokenizer):
   assert [(it.kind, it.grid) for it in items if it.kind != 'text'] == [
       ('vae', (3, 4)), ('vit', (6, 8)), ('vae', (4, 4))]
   assert items[1].patches.shape == (48, 192) and items[0].pixels.shape == (48, 64, 3)
-  assert -1.0 <= items[0].pixels.min() and items[0].pixels.max() <= 1.0
+  assert items[0].pixels.dtype == np.uint8 and items[1].patches.dtype == np.uint8
+  assert (items[0].pixels == 200).all() and (items[-1].pixels == 10).all()
+  # a size without a bucket is a named reason; inference (for_training=False) takes any size
+  g1 = dataclasses.replace(g, buckets=((64, 64, 2),))
+  with pytest.raises(SampleError) as e:
+    materialize(plan_sample(s), tokenizer, g1, s)
+  assert e.value.reason == 'vae_size' and '48x64' in str(e.value)
+  assert materialize(plan_sample(s), tokenizer, g1, s, for_training=False)[0].grid == (3, 4)
   ts = tokenize(items, Specials.from_tokenizer(tokenizer), g)
   n_text = sum(len(it.ids) + 2 for it in items if it.kind == 'text')
   assert ts.n_tokens == (3 * 4 + 2) + (6 * 8 + 2) + (4 * 4 + 2) + n_text

@@ -154,7 +154,7 @@ def _reference_jit(graphdef, state, a):
   rope_u = model.rope(a['pos_und'])
   rope_g = model.rope(a['pos_gen'])
   meta = tuple(a['meta'][i] for i in range(3))
-  attend = packed_attend(perm, inv, meta, U, 'xla')
+  attend = packed_attend(perm, inv, meta, U, 'xla', 64)
   h_u, h_g, _ = model.decoder(x_u, x_g, rope_u, rope_g, attend)
   return model.logits(h_u), model.velocity(h_g)
 

@@ -60,6 +60,10 @@ def test_cli_errors(ckpt, tmp_path):
     cli.run('vqa', ck, image=str(tmp_path / 'missing.png'), question='?')
   with pytest.raises(cli.InputError, match='too large'):
     cli.run('vqa', ck, image=img, question='?', max_input_pixels=100)
+  with pytest.raises(cli.InputError, match='--mesh'):
+    cli.run('vqa', ck, image=img, question='?', mesh='rows=2')
+  with pytest.raises(ValueError, match='devices'):
+    cli.run('vqa', ck, image=img, question='?', mesh='data=64')
   from unimedvl_jax.infer.context import ContextError
   with pytest.raises(ContextError, match='too large'):
     cli.run('generate', ck, prompt='x', size='4096x4096', num_steps=2)

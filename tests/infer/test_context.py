@@ -37,8 +37,8 @@ def test_metadata_positions_splits_modes(model):
   assert seg[1, :3].all() and not seg[1, 3:].any()
   assert list(split[0, :17]) == [0] * 5 + [1] * 4 + [2] * 8
   assert list(mode[0, :17]) == [MODE_CAUSAL] * 5 + [MODE_FULL] * 12
-  # empty slots hold zeros in the cache
-  assert not np.asarray(ctx2.k)[:, 1, 3:].any()
+  # empty slots hold zeros in the cache (per layer [B, Hkv, C, D])
+  assert not np.asarray(ctx2.k)[:, 1, :, 3:].any()
 
 
 def test_prefill_in_pieces_equals_one_block(model):
@@ -74,7 +74,7 @@ def test_ragged_rows_equal_single_rows_and_reference(model):
   single = C.add_image(model, single, SPECIALS, vit=img, vae_tokens=(tok, grid))
   row0 = C.take_rows(ctx, [0])
   n = int(single.lengths()[0])
-  np.testing.assert_allclose(np.asarray(row0.k)[:, :, :n], np.asarray(single.k)[:, :, :n],
+  np.testing.assert_allclose(np.asarray(row0.k)[..., :n, :], np.asarray(single.k)[..., :n, :],
                              atol=1e-5)
   # a final text item's logits through the cache vs the reference forward of the whole sequence
   last = [[60, 61, 62], [70, 71, 72, 73]]
@@ -113,4 +113,23 @@ def test_concat_take_pad(model):
   assert list(ab.lengths()) == [4, 3]
   back = C.take_rows(ab, [1])
   np.testing.assert_array_equal(np.asarray(back.k), np.asarray(b.k))
-  np.testing.assert_array_equal(np.asarray(C.take_rows(ab, [0]).k)[:, :, :64], np.asarray(a.k))
+  np.testing.assert_array_equal(np.asarray(C.take_rows(ab, [0]).k)[..., :64, :], np.asarray(a.k))
+
+
+def test_prepare_cuts_the_layer_stack_once(model):
+  """prepare: one module per decoder layer holding that layer's slice of the stacked weights,
+  sharding names without the 'layers' axis; the original module is untouched; idempotent."""
+  from flax import nnx
+  p = C.prepare(model)
+  assert C.prepare(p) is p
+  layers = p.module.decoder.layers
+  stacked = model.decoder.layers
+  assert isinstance(layers, nnx.List) and not isinstance(stacked, nnx.List)
+  n = stacked.und.q_proj.kernel.shape[0]
+  assert len(layers) == n == C.layer_count(p) == C.layer_count(model)
+  for i in range(n):
+    np.testing.assert_array_equal(np.asarray(layers[i].gen.mlp.up_proj.kernel[...]),
+                                  np.asarray(stacked.gen.mlp.up_proj.kernel[...])[i])
+  meta = layers[0].und.q_proj.kernel.get_metadata()['out_sharding']
+  assert tuple(meta) == ('embed', 'q_heads')
+  assert p.has_vae == model.has_vae and p.head_dim == model.head_dim   # attribute fall-through

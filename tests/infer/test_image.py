@@ -111,6 +111,52 @@ def test_sampler_matches_reference_loop(model):
   np.testing.assert_allclose(got, x, atol=1e-4, rtol=1e-4)
 
 
+def test_batched_cfg_velocity_equals_per_context_and_reference(model):
+  """One guided flow step with the three contexts (full, cfg_text, cfg_img) of different lengths,
+  two rows of different image sizes: the batched model call (the sampler's default), one call
+  per context, and the numpy guidance over whole-sequence reference velocities agree."""
+  rs = np.random.RandomState(2)
+  img = rs.uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+  tok, g_in = C.encode_vae_tokens(model, img)
+  instr = [[30, 31, 32], [40, 41, 42, 43, 44]]
+  e = C.new_context(model, 2, 64)
+  cfg_text = C.add_image(model, e, SPECIALS, vae_tokens=[(tok, g_in), None])
+  full = C.add_text(model, cfg_text, instr, SPECIALS)
+  cfg_img = C.add_text(model, e, instr, SPECIALS)
+  s = I.FlowSettings(num_steps=3, s_text=3.0, s_img=1.5, interval=(0.0, 1.0), renorm='global')
+  grids = [(2, 2), (1, 3)]
+  x = [rs.normal(size=(4, 64)).astype(np.float32), rs.normal(size=(3, 64)).astype(np.float32)]
+  t = 0.7
+  kw = dict(cfg_text_ctx=cfg_text, cfg_img_ctx=cfg_img, settings=s)
+  batched = I.step_velocity(model, full, SPECIALS, grids, x, t, cfg_batched=True, **kw)
+  single = I.step_velocity(model, full, SPECIALS, grids, x, t, cfg_batched=False, **kw)
+  items = [[('vae', tok, g_in), ('text', instr[0])], [('text', instr[1])]]
+  for r in range(2):
+    np.testing.assert_allclose(batched[r], single[r], atol=2e-5, rtol=2e-5)
+    n = grids[r][0] * grids[r][1]
+    vel = lambda its: reference_forward(model, its + [('noise', x[r], grids[r], t)])['velocity'][-n:]
+    v_full = vel(items[r])
+    v_txt = vel(items[r][:-1])
+    v_img = vel([it for it in items[r] if it[0] == 'text'])
+    want = np_guidance(v_full, v_txt, v_img, 3.0, 1.5, 'global', 0.0)
+    np.testing.assert_allclose(batched[r], want, atol=1e-4, rtol=1e-4)
+
+
+def test_given_noise_equals_seeded_noise(model):
+  s = I.FlowSettings(num_steps=3, s_text=1.0, s_img=1.0)
+  e = C.new_context(model, 1, 64)
+  ctx = C.add_text(model, e, [40, 41], SPECIALS)
+  seeded = I.generate_latents(model, ctx, SPECIALS, [(1, 2)], settings=s, seeds=[9])[0]
+  given = I.generate_latents(model, ctx, SPECIALS, [(1, 2)], settings=s,
+                             noise=[I.initial_noise(9, 2)])[0]
+  np.testing.assert_array_equal(seeded, given)
+  other = I.generate_latents(model, ctx, SPECIALS, [(1, 2)], settings=s,
+                             noise=[I.initial_noise(10, 2)])[0]
+  assert not np.allclose(seeded, other)
+  with pytest.raises(C.ContextError, match='initial noise'):
+    I.generate_latents(model, ctx, SPECIALS, [(1, 2)], settings=s, noise=[np.zeros((3, 64))])
+
+
 def test_batch_of_two_equals_two_singles(model):
   """Text-to-image with global renorm: two requests of different prompt lengths and image sizes
   batched vs alone, same seeds -> the same latents; decoded to uint8 images of the right size."""

@@ -59,6 +59,61 @@ def test_cached_logits_equal_full_recompute(model, temperature):
       assert res.tokens[b] == [int(i) for i in np.argmax(res.logits[b, :len(res.tokens[b])], -1)]
 
 
+def test_greedy_tokens_equal_full_recompute_greedy(model):
+  """Greedy decoding through the KV cache (a prepared model, the Runner's path) vs greedy
+  decoding WITHOUT a cache: every step runs the whole conversation (prompt items, then
+  <|im_start|> and the tokens so far) through the reference forward and takes the argmax of the
+  last position. Same tokens, and every step's logits within fp32 tolerance."""
+  ctx, items = _prompt(model)
+  n_new = 6
+  res = T.generate_text(C.prepare(model), ctx, SPECIALS, T.TextSettings(max_new_tokens=n_new),
+                        return_logits=True)
+  for b in range(2):
+    fed, toks = [SPECIALS.im_start], []
+    for step in range(n_new):
+      last = reference_forward(model, items[b] + [('raw', fed)])['logits'][-1]
+      np.testing.assert_allclose(res.logits[b, step], last, atol=1e-4, rtol=1e-4)
+      nxt = int(np.argmax(last))
+      if nxt == SPECIALS.im_end:
+        break
+      toks.append(nxt)
+      fed.append(nxt)
+    assert res.tokens[b] == toks, (b, res.tokens[b], toks)
+  # the greedy loop holds no sampling ops (no sort, no random bits); the sampling loop does
+  p = C.prepare(model)
+  hlo = {}
+  for temp in (0.0, 1.0):
+    args, _, max_new, greedy = T.decode_args(ctx, SPECIALS, T.TextSettings(max_new_tokens=2,
+                                                                         temperature=temp))
+    hlo[temp] = T._decode_jit.plain.lower(p.static, p.state, ctx, *args, max_new, False,
+                                          greedy).as_text()
+  for op in ('stablehlo.sort', 'threefry2x32'):
+    assert op not in hlo[0.0] and op in hlo[1.0], op
+
+
+def test_decode_loop_reads_the_cache_in_place(model):
+  """The compiled decode loop (XLA:CPU, the options the library uses) neither copies nor
+  transposes a layer's KV cache buffer per token: no copy / transpose of a cache-shaped array
+  outside the entry computation (which copies the caller's context once per call)."""
+  import re
+  ctx, _ = _prompt(model)
+  p = C.prepare(model)
+  args, _, max_new, greedy = T.decode_args(ctx, SPECIALS, T.TextSettings(max_new_tokens=3))
+  text = T._decode_jit.cpu.lower(p.static, p.state, ctx, *args, max_new, False,
+                                 greedy).compile().as_text()
+  B, H, Cap, D = ctx.k[0].shape
+  shape = rf'f32\[({B},{H},{Cap},{D}|{B},{H},{D},{Cap})\]'
+  body = text[:text.index('\nENTRY')]
+  bad = [l.strip()[:160] for l in body.splitlines()
+         if re.search(shape + r'\S* (copy|transpose)\(', l)]
+  assert not bad, bad
+  # the same loop compiled with XLA:CPU's default copy insertion does copy them (the check bites)
+  plain = T._decode_jit.plain.lower(p.static, p.state, ctx, *args, max_new, False,
+                                    greedy).compile().as_text()
+  body = plain[:plain.index('\nENTRY')]
+  assert any(re.search(shape + r'\S* copy\(', l) for l in body.splitlines())
+
+
 def test_per_sequence_stop_and_max_tokens(model):
   """Rows stop independently at the end token. The end id is chosen as a token that greedy
   decoding of row 0 produces at step j (and row 1 never does), so row 0 stops after j tokens

@@ -263,7 +263,7 @@ class BagelRef(nn.Module):
     x = self.language_model.model.embed_tokens(ids).clone()
     # ViT images
     vseg, vpos, vidx = tt('vit_segment_ids'), tt('vit_pos_ids').long(), tt('vit_token_idx').long()
-    patches = tt('vit_patches').float()
+    patches = tt('vit_patches').float() / 255.0 * 2.0 - 1.0    # uint8 pixels -> [-1, 1]
     for s in sorted(set(vseg.tolist()) - {0}):
       sel = vseg == s
       feats = self.connector(self.vit_image(patches[sel], vpos[sel]))

@@ -23,7 +23,7 @@ from unimedvl_jax.model.vit import patchify_image  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 OVERRIDES = ['data.batch_size=2', 'data.seq_len=96', 'data.max_latent_tokens=16',
-             'data.max_vit_patches=32', 'data.max_vae_images=3', 'data.vae_buffer_size=32',
+             'data.max_vit_patches=32', 'data.max_vae_images=3', 'data.vae_buckets=((32, 32, 3),)',
              'data.vae_max_size=32', 'data.vae_min_size=16', 'data.max_sample_tokens=96',
              'model.llm.num_layers=2', 'model.llm.vocab_size=256', 'model.attention_impl=xla']
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -85,51 +85,120 @@ def test_vae_through_import(setup):
   x = rng.uniform(-1, 1, (2, 32, 48, 3)).astype(np.float32)
   key = jax.random.key(7)
 
+  # a given draw (e.g. the reference's own): AutoEncoder.encode(x, noise=...)
+  given = rng.standard_normal((2, 4, 6, cfg.model.vae.z_channels)).astype(np.float32)
+
   @jax.jit
-  def run(x, z):
+  def run(x, z, given):
     mean, logvar = model.vae.encode_moments(x)
-    return mean, logvar, model.vae.encode(x, key), model.vae.decode(z)
+    return mean, logvar, model.vae.encode(x, noise=given), model.vae.decode(z)
 
   z = rng.standard_normal((2, 4, 6, cfg.model.vae.z_channels)).astype(np.float32)
-  mean, logvar, zs, dec = (np.asarray(a) for a in run(jnp.asarray(x), jnp.asarray(z)))
-  noise = np.asarray(jax.random.normal(key, mean.shape, jnp.float32))
+  mean, logvar, zg, dec = (np.asarray(a) for a in run(jnp.asarray(x), jnp.asarray(z),
+                                                      jnp.asarray(given)))
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
   with torch.no_grad():
     tm, tl = ae.moments(nchw(x))
-    tz = ae.scale_factor * (tm + torch.exp(0.5 * tl) * nchw(noise) - ae.shift_factor)
+    tg = ae.scale_factor * (tm + torch.exp(0.5 * tl) * nchw(given) - ae.shift_factor)
     td = ae.decode(nchw(z))
   np.testing.assert_allclose(mean, nhwc(tm), **TOL)
   np.testing.assert_allclose(logvar, nhwc(tl), **TOL)
-  np.testing.assert_allclose(zs, nhwc(tz), **TOL)
+  np.testing.assert_allclose(zg, nhwc(tg), **TOL)
   np.testing.assert_allclose(dec, nhwc(td), **TOL)
+  with pytest.raises(ValueError, match='noise has shape'):
+    model.vae.encode(jnp.asarray(x), noise=jnp.asarray(given[:, :3]))
+  # without given noise, encode draws N(0, 1) from rng (the moments stubbed: no second compile)
+  from types import SimpleNamespace
+  from unimedvl_jax.model.vae import AutoEncoder
+  stub = SimpleNamespace(encode_moments=lambda _: (jnp.asarray(mean), jnp.asarray(logvar)),
+                         scale_factor=ae.scale_factor, shift_factor=ae.shift_factor)
+  zs = np.asarray(AutoEncoder.encode(stub, None, key))
+  noise = np.asarray(jax.random.normal(key, mean.shape, jnp.float32))
+  np.testing.assert_allclose(zs, nhwc(ae.scale_factor * (tm + torch.exp(0.5 * tl) * nchw(noise)
+                                                         - ae.shift_factor)), **TOL)
+
+
+def test_odd_size_latents_crop_like_the_reference(setup):
+  """A 24x40 image (multiples of 8, not of 16) has a 3x5 latent: BAGEL keeps
+  `latent[:, :h*p, :w*p]` with (h, w) = (24 // 16, 40 // 16) and patchifies it with
+  einsum('chpwq->hwpqc'); `encode_vae_tokens` gives the same tokens (posterior mean)."""
+  from unimedvl_jax.infer.context import ContextError, encode_vae_tokens
+  cfg, _, ae, _, _, model = setup
+  x = np.random.default_rng(8).uniform(-1, 1, (24, 40, 3)).astype(np.float32)
+  tok, grid = encode_vae_tokens(model, x)
+  assert grid == (1, 2)
+  p, c = cfg.model.latent_patch_size, cfg.model.vae.z_channels
+  with torch.no_grad():
+    mean, _ = ae.moments(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None])))
+    lat = ae.scale_factor * (mean[0] - ae.shift_factor)                  # [C, 3, 5]
+    assert tuple(lat.shape[1:]) == (3, 5)
+    h, w = 24 // 16, 40 // 16
+    lat = lat[:, :h * p, :w * p].reshape(c, h, p, w, p)
+    want = torch.einsum('chpwq->hwpqc', lat).reshape(-1, p * p * c).numpy()
+  np.testing.assert_allclose(tok, want, **TOL)
+  with pytest.raises(ContextError, match='multiples of 8'):
+    encode_vae_tokens(model, x[:20])
+
+
+def _np_patchify(z, p=2):
+  """[h, w, C] latent -> [(h/p)*(w/p), p*p*C] tokens, (patch row, patch col, channel) order."""
+  h, w, c = z.shape
+  return z.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * c)
 
 
 @pytest.fixture(scope='module')
 def loss_run(setup):
-  cfg, ref, _, _, _, model = setup
+  """The full packed loss with given noise and timesteps (the reproducibility API): the torch
+  side encodes every VAE image of the batch at its own size with the FLUX transcription, samples
+  its latent tokens with the same noise, and runs the MoT reference on them."""
+  cfg, ref, ae, _, _, model = setup
   s1, s2 = mixed_samples()
   batch_np = build_batch(cfg, [[s2], [s1, s2]], seed=5)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  rng = jax.random.key(11)
+  B, L = batch_np['latent_mask'].shape
+  N = batch_np['vae_image_noised'].shape[1]
+  D = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
+  rng = np.random.default_rng(11)
+  noise = {'vae': rng.standard_normal((B, L, D)).astype(np.float32),
+           'flow': rng.standard_normal((B, L, D)).astype(np.float32)}
+  ts = rng.standard_normal((B, N)).astype(np.float32)
 
   @jax.jit
-  def run(batch, rng):
-    out = model(batch, rng, ce_weight=0.25, mse_weight=1.0)
-    h_u, h_g, target = model.forward(batch, rng)
-    # the noise the model draws inside forward (same keys, same order)
-    k_vae, k_t, k_eps = jax.random.split(rng, 3)
-    x0 = model.encode_latent_tokens(batch['vae_images'], batch['latent_image'],
-                                    batch['latent_patch'], k_vae)
-    B, N = batch['vae_images'].shape[:2]
-    t_img = jax.nn.sigmoid(jax.random.normal(k_t, (B, N), jnp.float32))
-    t_tok = jnp.take_along_axis(t_img, batch['latent_image'], axis=1) * batch['latent_noised']
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    return out, h_u, h_g, target, x0, t_tok, eps, model.velocity(h_g)
+  def run(batch, noise, ts):
+    key = jax.random.key(0)   # unused: every draw is given
+    out = model(batch, key, ce_weight=0.25, mse_weight=1.0, noise=noise, timesteps=ts)
+    h_u, h_g, target = model.forward(batch, key, noise=noise, timesteps=ts)
+    return out, h_u, h_g, target, model.velocity(h_g)
 
-  res = jax.tree.map(np.asarray, run(batch, rng))
-  out, h_u, h_g, target, x0, t_tok, eps, pred = res
-  np.testing.assert_allclose(target, eps - x0, rtol=1e-6, atol=1e-6)   # same noise as the model
+  out, h_u, h_g, target, pred = jax.tree.map(np.asarray, run(batch, noise, ts))
+  # torch: x0 per token from the image's own-size encoding
+  x0 = np.zeros((B, L, D), np.float32)
+  rows = 0
+  with torch.no_grad():
+    for r in range(B):
+      src = batch_np['latent_src'][r]
+      img = batch_np['vae_32x32'][r]          # the one bucket of this config
+      tok_per = (32 // 16) ** 2
+      for slot in range(img.shape[0]):
+        if batch_np['vae_32x32_image'][r, slot] < 0:
+          continue
+        x = (img[slot].astype(np.float32) / 255.0 - 0.5) / 0.5
+        tm, tl = ae.moments(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))
+        mt = _np_patchify(tm[0].numpy().transpose(1, 2, 0))
+        lt = _np_patchify(tl[0].numpy().transpose(1, 2, 0))
+        for q in np.flatnonzero((src // tok_per == slot) & (batch_np['latent_mask'][r] > 0)):
+          k = src[q] % tok_per
+          z = mt[k] + np.exp(0.5 * lt[k]) * noise['vae'][r, q]
+          x0[r, q] = ae.scale_factor * (z - ae.shift_factor)
+          rows += 1
+  assert rows == int(batch_np['latent_mask'].sum()) > 0
+  t_img = 1.0 / (1.0 + np.exp(-ts.astype(np.float64)))
+  t_tok = (np.take_along_axis(t_img, batch_np['latent_image'], 1)
+           * batch_np['latent_noised']).astype(np.float32)
+  eps = noise['flow']
+  real = batch_np['latent_mask'][..., None] > 0
+  np.testing.assert_allclose(np.where(real, target, 0), np.where(real, eps - x0, 0), **TOL)
   with torch.no_grad():
     t_loss, t_ce, t_mse, t_h, t_pred = ref.loss(batch_np, x0, t_tok, eps, ce_weight=0.25)
   return dict(batch=batch_np, out=out, h_u=h_u, h_g=h_g, pred=pred, t_loss=float(t_loss),

@@ -53,6 +53,17 @@ def random_batch(rng, B, T, **kw):
   return tuple(np.stack([m[i] for m in metas]) for i in range(3))
 
 
+def batch_with_all_modes(seed: int, B, T, **kw):
+  """(rng, random_batch) from the first seed >= `seed` whose packs hold all three split modes
+  (causal, full, noise) among their non-padding tokens; rng continues after the metadata."""
+  for s in range(seed, seed + 1000):
+    rng = np.random.default_rng(s)
+    meta = random_batch(rng, B, T, **kw)
+    if set(np.unique(meta[2][meta[0] > 0]).tolist()) == {CAUSAL, FULL, NOISE}:
+      return rng, meta
+  raise ValueError(f'no pack with all three modes for T={T} near seed {seed}')
+
+
 def unsorted_batch(rng, B, T):
   """Arbitrary metadata (not a valid pack layout): exercises the classification's soundness."""
   seg = rng.integers(0, 3, (B, T)).astype(np.int32)

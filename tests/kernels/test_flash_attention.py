@@ -68,19 +68,30 @@ def _skipped_key_positions(meta, T, bq, bk):
 
 
 CASES = {
-    # name: (B, T, Hq, Hkv, D, block_q, block_k, dtype)
-    'gqa4_d64_T200': (2, 200, 4, 1, 64, 32, 32, jnp.float32),
-    'mha_d128_T300_bq64_bk32': (1, 300, 2, 2, 128, 64, 32, jnp.float32),
-    'gqa2_d64_bf16': (1, 256, 4, 2, 64, 32, 64, jnp.bfloat16),
+    # name: (B, T, Hq, Hkv, D, block_q, block_k, dtype, layout)
+    'gqa4_d64_T200': (2, 200, 4, 1, 64, 32, 32, jnp.float32, 'bthd'),
+    'mha_d128_T300_bq64_bk32': (1, 300, 2, 2, 128, 64, 32, jnp.float32, 'bhtd'),
+    'gqa2_d64_bf16': (1, 256, 4, 2, 64, 32, 64, jnp.bfloat16, 'bthd'),
+    # the 7B model's grouping (28 / 4 heads: G = 7, not a power of two), head dim 128
+    'gqa7_d128_T192': (1, 192, 14, 2, 128, 32, 32, jnp.float32, 'bthd'),
+    'gqa7_d128_T192_head_major': (1, 192, 14, 2, 128, 32, 32, jnp.float32, 'bhtd'),
 }
+
+
+def _to_layout(layout, *xs):
+  """[B, T, H, D] test arrays -> the layout under test (and back: the same transpose)."""
+  if layout == 'bthd':
+    return xs
+  return tuple(x.transpose(0, 2, 1, 3) for x in xs)
 
 
 @pytest.mark.parametrize('backend', ['generic', 'tpu'])
 @pytest.mark.parametrize('case', list(CASES))
 def test_packed_forward_and_grads(case, backend):
-  B, T, Hq, Hkv, D, bq, bk, dtype = CASES[case]
-  rng = np.random.default_rng(zlib.crc32(case.encode()))
-  meta = packs.random_batch(rng, B, T, pad_frac=0.3)
+  """Forward and dq/dk/dv equal the reference; in every layout each program of the forward and
+  dq kernels handles all query heads of a KV group (G = Hq / Hkv, including G = 7)."""
+  B, T, Hq, Hkv, D, bq, bk, dtype, layout = CASES[case]
+  rng, meta = packs.batch_with_all_modes(zlib.crc32(case.encode()), B, T, pad_frac=0.3)
   q, k, v, ct = _qkv(rng, B, T, Hq, Hkv, D, dtype)
 
   # Poison K/V in key blocks that every query block skips: the kernels must never read them.
@@ -90,8 +101,10 @@ def test_packed_forward_and_grads(case, backend):
   k_p, v_p = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
 
   attn = functools.partial(flash_attention, block_q=bq, block_k=bk, backend=backend,
-                           interpret=True)
-  out, (dq, dk, dv) = _fwd_bwd(attn)(q, k_p, v_p, *meta, ct)
+                           interpret=True, layout=layout)
+  out, (dq, dk, dv) = _fwd_bwd(attn)(*_to_layout(layout, q, k_p, v_p), *meta,
+                                     *_to_layout(layout, ct))
+  out, dq, dk, dv = _to_layout(layout, out, dq, dk, dv)
   ref, (rdq, rdk, rdv) = _reference(q, k, v, *meta, ct)   # dead keys are never allowed
   assert out.dtype == q.dtype and out.shape == q.shape
   dead_np = np.asarray(dead)
@@ -131,6 +144,40 @@ def test_dispatcher_pallas_impl():
   q, k, v, _ = _qkv(rng, B, T, Hq, Hkv, D, jnp.float32)
   out = jax.jit(functools.partial(attention, impl='pallas'))(q, k, v, *meta)
   assert _rel_err(out, reference_attention(q, k, v, *meta)) <= 2e-5
+
+
+def _pallas_calls(jaxpr):
+  """Every pallas_call equation in a (closed) jaxpr, recursively through sub-jaxprs."""
+  out = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == 'pallas_call':
+      out.append(e)
+      continue
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          out += _pallas_calls(sub)
+  return out
+
+
+@pytest.mark.parametrize('backend', ['generic', 'tpu'])
+def test_one_program_per_kv_group(backend):
+  """The forward, dq and dk/dv kernels all run one program per (pack, KV head, block): the grid's
+  head axis is Hkv (2), not Hq (14), so each program serves the 7 query heads of its group."""
+  B, T, Hq, Hkv, D, blk = 1, 128, 14, 2, 64, 32
+  q = jnp.zeros((B, T, Hq, D))
+  k = v = jnp.zeros((B, T, Hkv, D))
+  m = jnp.ones((B, T), jnp.int32)
+
+  def loss(q, k, v):
+    return flash_attention(q, k, v, m, m, m, block_q=blk, block_k=blk, backend=backend,
+                           interpret=True).sum()
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  grids = {e.params['name']: tuple(e.params['grid_mapping'].grid) for e in _pallas_calls(jaxpr)}
+  assert len(grids) == 3, grids
+  for name, grid in grids.items():
+    assert grid[:2] == (B, Hkv), (name, grid)
 
 
 # ------------------------------------------------------------------------ block classification
@@ -256,6 +303,22 @@ _SHARD_MAP_SCRIPT = textwrap.dedent('''
       n = exp.mlir_module().count(target)
       print(platform, "kernels", n)
       assert n == 3, (platform, n)   # forward, dq, dk/dv
+
+    # 3) The dispatcher on the project's mesh axes (data=2 x tensor=2): every kernel backend runs
+    #    under sharding.shard_map_attention, with head-major inputs (head_axis=1) as well.
+    from unimedvl_jax import sharding
+    from unimedvl_jax.model.attention import attention
+    pmesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    with sharding.use_mesh(pmesh):
+      for impl, layout in (("pallas", "bhtd"), ("splash", "bhtd"), ("cudnn", "bthd")):
+        args = (q, k, v) if layout == "bthd" else (t(q), t(k), t(v))
+        got = jax.jit(lambda q, k, v, *m: attention(q, k, v, *m, impl=impl, layout=layout))(
+            *args, *meta)
+        got = got if layout == "bthd" else t(got)
+        err = float(jnp.max(jnp.abs(got - ref)))
+        print("DISPATCH", impl, layout, err)
+        assert err < 1e-4, (impl, layout, err)
     print("SHARD_MAP_OK")
 ''')
 
@@ -272,3 +335,35 @@ def test_shard_map_batch_and_heads_sharded():
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and 'SHARD_MAP_OK' in proc.stdout, (
       proc.stdout[-3000:] + proc.stderr[-6000:])
+
+
+# ------------------------------------------------------------------ accelerator lowerings
+
+@pytest.mark.parametrize('layout', ['bthd', 'bhtd'])
+def test_lowers_for_cuda_and_tpu_with_gqa7(layout):
+  """From this CPU process, export forward + backward for CUDA (the generic kernels through the
+  Triton lowering of jax 0.10) and for TPU (Mosaic), with the 7B grouping (G = 7, head dim 128):
+  three kernel custom calls each (forward, dq, dk/dv). Splash (TPU) lowers as well."""
+  from unimedvl_jax.kernels.splash import splash_attention
+  B, T, Hq, Hkv, D = 1, 256, 7, 1, 128
+  S = jax.ShapeDtypeStruct
+  shape = lambda H: (B, T, H, D) if layout == 'bthd' else (B, H, T, D)
+  args = (S(shape(Hq), jnp.bfloat16), S(shape(Hkv), jnp.bfloat16), S(shape(Hkv), jnp.bfloat16),
+          *(S((B, T), jnp.int32),) * 3)
+  unchecked = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton'),
+               jax.export.DisabledSafetyCheck.custom_call('tpu_custom_call')]
+  fns = {
+      ('cuda', 'xla.gpu.triton'): functools.partial(flash_attention, backend='generic',
+                                                    interpret=False, block_q=64, block_k=64),
+      ('tpu', 'tpu_custom_call'): functools.partial(flash_attention, backend='tpu',
+                                                    interpret=False, block_q=128, block_k=128),
+      ('tpu', 'tpu_custom_call', 'splash'): functools.partial(splash_attention, block=128,
+                                                              interpret=False),
+  }
+  for (platform, target, *_), attn in fns.items():
+    attn = functools.partial(attn, layout=layout)
+    loss = lambda q, k, v, a, b, c: jnp.sum(attn(q, k, v, a, b, c).astype(jnp.float32))
+    exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+                            disabled_checks=unchecked)(*args)
+    n = exp.mlir_module().count(target)
+    assert n == 3, (platform, target, n)

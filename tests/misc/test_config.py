@@ -30,6 +30,56 @@ def test_bad_values_fail_naming_the_field(override, field):
     load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), [override])
 
 
+@pytest.mark.parametrize('override,field', [
+    ('train.keep_checkpoints=0', 'train.keep_checkpoints'),
+    ('train.checkpoint_every=0', 'train.checkpoint_every'),
+    ('train.log_every=0', 'train.log_every'),
+    ('train.grad_clip=0.0', 'train.grad_clip'),
+    ('train.grad_clip=-1.0', 'train.grad_clip'),
+    ('train.b1=-0.1', 'train.b1'),
+    ('train.b1=1.0', 'train.b1'),
+    ('train.b2=1.0', 'train.b2'),
+    ('train.eps=0.0', 'train.eps'),
+    ('train.weight_decay=-0.01', 'train.weight_decay'),
+    ('train.min_lr=-1e-6', 'train.min_lr'),
+    ('train.max_nonfinite_steps=-1', 'train.max_nonfinite_steps'),
+    ('train.lr=float("nan")', 'train.lr'),
+    ('train.lr=1e400', 'train.lr'),
+    ('train.warmup_steps=-1', 'train.warmup_steps'),
+    ('train.grad_accum=0', 'train.grad_accum'),
+    ('train.ce_weight=-1.0', 'train.ce_weight'),
+    ('train.total_steps=-5', 'train.total_steps'),
+    ('train.profile_steps=(-1,)', 'train.profile_steps'),
+])
+def test_every_train_field_is_validated(override, field):
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
+  key, _, raw = override.partition('=')
+  section, name = key.split('.')
+  cfg[section][name] = eval(raw)   # noqa: S307  (test literals; nan / inf need float())
+  with pytest.raises(ConfigError, match=f'config.{field}: '):
+    validate(cfg)
+
+
+def test_stage_train_overrides_are_validated():
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
+  stage = cfg.stages[0]
+  cfg.curriculum[stage].train.keep_checkpoints = 0
+  with pytest.raises(ConfigError, match=f'config.curriculum.{stage}.train.keep_checkpoints'):
+    validate(cfg)
+
+
+def test_boundary_values_are_accepted():
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'),
+                         ['train.keep_checkpoints=1', 'train.checkpoint_every=1',
+                          'train.log_every=1', 'train.b1=0.0', 'train.weight_decay=0.0',
+                          'train.min_lr=0.0', 'train.max_nonfinite_steps=0',
+                          'data.allow_outside_root=True'])
+  assert cfg.train.keep_checkpoints == 1 and cfg.data.allow_outside_root is True
+  assert default_config().data.allow_outside_root is False
+  with pytest.raises(ConfigError, match='config.data.allow_outside_root'):
+    load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), ['data.allow_outside_root=yes'])
+
+
 def test_unknown_field_is_an_error():
   with pytest.raises(ConfigError, match='no such field'):
     load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), ['model.llm.num_layerz=2'])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimedvl_jax.batch import zeros_batch
+from unimedvl_jax.batch import Geometry, bucket_key, fill_label_pos, zeros_batch
 
 IM_START, IM_END, VS, VE = 3, 4, 5, 6   # arbitrary special ids for tests
 
@@ -20,15 +20,17 @@ def build_batch(cfg, samples_per_row, seed=0):
   d, m = cfg.data, cfg.model
   T, L = d.seq_len, d.max_latent_tokens
   p = m.vit.patch_size
-  S = d.vae_buffer_size
-  grid_tok = S // 16
+  geom = Geometry.from_config(cfg)
+  px = geom.latent_px
+  offsets = geom.bucket_offsets()
   V = m.llm.vocab_size
   for r, samples in enumerate(samples_per_row):
     t = 0          # sequence cursor
     split = 0
     vit_cursor = 0
     vit_img = 0
-    slot = 0
+    image = 0
+    used = [0] * len(geom.vae_buckets)
     und, gen = [], []
     for s_i, sample in enumerate(samples):
       seg = s_i + 1
@@ -62,7 +64,7 @@ def build_batch(cfg, samples_per_row, seed=0):
           b['split_modes'][r, sl] = 1
           vit_img += 1
           K = 3 * p * p
-          b['vit_patches'][r, vit_cursor:vit_cursor + n] = rng.uniform(-1, 1, (n, K))
+          b['vit_patches'][r, vit_cursor:vit_cursor + n] = rng.integers(0, 256, (n, K))
           b['vit_segment_ids'][r, vit_cursor:vit_cursor + n] = vit_img
           rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing='ij')
           b['vit_pos_ids'][r, vit_cursor:vit_cursor + n] = (rr * m.vit.grid_size + cc).reshape(-1)
@@ -81,20 +83,24 @@ def build_batch(cfg, samples_per_row, seed=0):
           b['token_type'][r, t] = b['token_type'][r, t + toks_n - 1] = 1
           b['positions'][r, sl] = pos
           b['split_modes'][r, sl] = 2 if noised else 1
-          img = np.zeros((S, S, 3), np.float32)
-          img[:rows * 16, :cols * 16] = rng.uniform(-1, 1, (rows * 16, cols * 16, 3))
-          b['vae_images'][r, slot] = img
-          b['vae_image_noised'][r, slot] = int(noised)
+          h, w = rows * px, cols * px
+          j = geom.bucket_index(h, w)
+          assert j is not None, f'no data.vae_buckets entry for {h}x{w}'
+          key = bucket_key(h, w)
+          b[key][r, used[j]] = rng.integers(0, 256, (h, w, 3))
+          b[key + '_image'][r, used[j]] = image
+          b['vae_image_noised'][r, image] = int(noised)
           gi = len(gen)
           rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing='ij')
           b['latent_mask'][r, gi:gi + n] = 1.0
-          b['latent_image'][r, gi:gi + n] = slot
-          b['latent_patch'][r, gi:gi + n] = (rr * grid_tok + cc).reshape(-1)
+          b['latent_image'][r, gi:gi + n] = image
+          b['latent_src'][r, gi:gi + n] = offsets[j] + used[j] * n + np.arange(n)
           b['latent_pos_ids'][r, gi:gi + n] = (rr * m.max_latent_size + cc).reshape(-1)
           b['latent_noised'][r, gi:gi + n] = float(noised)
+          used[j] += 1
           und += [t, t + toks_n - 1]
           gen += list(range(t + 1, t + 1 + n))
-          slot += 1
+          image += 1
           if not noised:
             pos += 1
         else:
@@ -112,7 +118,7 @@ def build_batch(cfg, samples_per_row, seed=0):
     assert len(und_all) == T - L, (len(und_all), T - L)
     b['und_idx'][r] = und_all
     b['gen_idx'][r] = gen_all
-  return b
+  return fill_label_pos(b)
 
 
 def mixed_samples():

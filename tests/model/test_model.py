@@ -23,7 +23,8 @@ CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 def setup():
   cfg = load_config_file(CFG, ['data.batch_size=2', 'model.llm.num_layers=2', 'data.seq_len=256',
                                'data.max_latent_tokens=64', 'data.max_vit_patches=64',
-                               'data.max_vae_images=4'])
+                               'data.max_vae_images=4',
+                               'data.vae_buckets=((32, 16, 2), (32, 32, 4))'])
   model = UniMedVL(cfg.model, rngs=nnx.Rngs(0))
   # llm2vae is zero-initialised (as in BAGEL); give it values so gradients reach the decoder's gen
   # expert through the MSE loss
@@ -91,7 +92,7 @@ def test_losses_are_sums_over_global_token_counts(setup):
   b = build_batch(cfg, [[[('text', 3, True)]], [[('text', 20, True)]]], seed=5)
   model = nnx.merge(graphdef, params, buffers)
   out = model({k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(0))
-  h_u, _, _ = model.forward({k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(0))
+  h_u = model.forward({k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(0))[0]
   logits = np.asarray(model.logits(h_u), np.float64)
   und = b['und_idx']
   lab = np.take_along_axis(b['label_ids'], und, 1)
@@ -105,15 +106,18 @@ def test_losses_are_sums_over_global_token_counts(setup):
   assert float(out.ce_tokens) == 4 + 21
 
 
-def test_pallas_attention_gives_the_same_loss_and_gradients():
-  """attention_impl 'pallas' (interpret mode on CPU) vs 'xla' for the whole model (decoder + ViT)."""
+def test_attention_backends_give_the_same_loss_and_gradients():
+  """attention_impl 'pallas' (interpret mode on CPU; sequence order, per-layer gathers) and
+  'blocked' (block-sparse XLA on the experts' order) vs the dense 'xla' reference for the whole
+  model (decoder + ViT)."""
   base = ['data.batch_size=1', 'model.llm.num_layers=1', 'data.seq_len=128',
           'data.max_latent_tokens=32', 'data.max_vit_patches=32', 'data.max_vae_images=3',
-          'model.vit.num_layers=1']
+          'model.vit.num_layers=1', 'data.vae_buckets=((32, 16, 1), (32, 32, 2))',
+          'model.attention_block=32']
   samples = [[[('text', 3, False), ('vit', 2, 2), ('vae', 2, 2, False), ('vae', 2, 1, True),
                ('text', 4, True)], [('text', 5, True)]]]
   out = {}
-  for impl in ('xla', 'pallas'):
+  for impl in ('xla', 'blocked', 'pallas'):
     cfg = load_config_file(CFG, base + [f'model.attention_impl={impl}'])
     model = UniMedVL(cfg.model, rngs=nnx.Rngs(0))
     model.llm2vae.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.llm2vae.kernel.shape)
@@ -121,6 +125,7 @@ def test_pallas_attention_gives_the_same_loss_and_gradients():
     b = {k: jnp.asarray(v) for k, v in build_batch(cfg, samples, seed=7).items()}
     loss, g = jax.jit(jax.value_and_grad(loss_fn(graphdef, buffers)))(params, b, jax.random.key(0))
     out[impl] = (float(loss), {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(g)})
-  assert abs(out['xla'][0] - out['pallas'][0]) < 1e-5 * max(1.0, abs(out['xla'][0]))
-  for k, v in out['xla'][1].items():
-    np.testing.assert_allclose(out['pallas'][1][k], v, rtol=2e-4, atol=2e-6, err_msg=k)
+  for impl in ('blocked', 'pallas'):
+    assert abs(out['xla'][0] - out[impl][0]) < 1e-5 * max(1.0, abs(out['xla'][0])), impl
+    for k, v in out['xla'][1].items():
+      np.testing.assert_allclose(out[impl][1][k], v, rtol=2e-4, atol=2e-6, err_msg=f'{impl} {k}')

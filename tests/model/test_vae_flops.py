@@ -44,7 +44,12 @@ def test_vae_encoder_decoder_flops_match_xla(base, mult, nres, size):
 
 def test_vae_stage_flops_formula():
   cfg = default_config()
-  cfg.data.batch_size, cfg.data.max_vae_images, cfg.data.vae_buffer_size = 3, 8, 64
+  cfg.data.batch_size, cfg.data.max_vae_images = 3, 8
+  cfg.data.vae_buckets = ((64, 64, 5), (32, 48, 1))
   v = cfg.model.vae
-  want = 3 * 3 * 2 * (profiling._vae_encoder_flops(v, 64) + profiling._vae_decoder_flops(v, 64))
+  f = lambda h, w: profiling._vae_encoder_flops(v, h, w) + profiling._vae_decoder_flops(v, h, w)
+  want = 3 * 3 * (2 * f(64, 64) + 1 * f(32, 48))
   assert profiling.vae_stage_flops_per_step(cfg, slots=2) == want
+  # non-square sizes: the encoder of an h x w image is between those of the two squares
+  assert profiling._vae_encoder_flops(v, 32) < profiling._vae_encoder_flops(v, 32, 48) < \
+      profiling._vae_encoder_flops(v, 48)

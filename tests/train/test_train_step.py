@@ -77,8 +77,8 @@ def test_ema_formula(env):
 def test_nonfinite_step_is_rejected(env):
   cfg, graphdef, state, batch = env
   bad = dict(batch)
-  bad['vit_patches'] = batch['vit_patches'].copy()
-  bad['vit_patches'][0, 0, 0] = np.nan
+  bad['loss_mask'] = batch['loss_mask'].copy()     # the batch's one float input on a CE row
+  bad['loss_mask'][0, batch['label_pos'][0, 0]] = np.nan
   tc = stage_train_config(cfg, None)
   new, m = run_step(cfg, graphdef, state, bad, tc)
   assert not bool(m['ok'])

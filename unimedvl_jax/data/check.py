@@ -1,26 +1,33 @@
-"""`python -m unimedvl_jax.data check --data FILE.jsonl [--root DIR] [--config CFG]`.
+"""`python -m unimedvl_jax.data check --data FILE.jsonl [--root DIR] [--tokenizer PATH] [--config CFG]`.
 
 Reads every line of the given JSONL file(s) through the training pipeline's own per-sample path
 (parse -> plan -> load and resize images -> encode text -> token arrays -> budget check) and
 packs the usable samples with the training packer, then reports as JSON: samples read, usable,
-skipped by reason (malformed_json, missing_fields, missing_file, undecodable_image,
-unsupported_dicom, too_long) with example locations (file:line), the task families and token
-counts seen, and the packing efficiency under the config's budgets. One bad line, image or file
-never stops the check.
+skipped by reason (every reason of jsonl.SAMPLE_ERROR_REASONS, documented in
+jsonl.SAMPLE_ERROR_DOCS and repeated in the report's `reasons`) with example locations
+(file:line), the task families and token counts seen, and the packing efficiency under the
+config's budgets. One bad line, image or file never stops the check; an empty or unreadable file
+is listed under `file_errors` (and the data is not ok).
+
+The tokenizer, first found: `--tokenizer PATH` (a SentencePiece `.model`, or a Hugging Face
+`tokenizer.json` / a directory holding one), config.data.tokenizer_path, a `tokenizer.model` at
+the data root or beside the JSONL, else the embedded dataset's tokenizer (generated once into
+the embedded dataset's cache directory when absent, see data/synthetic.py `ensure_dataset`).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
 from unimedvl_jax.data import packing
-from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_REASONS, DataError, JsonlSource, SampleError,
-                                     parse_record)
+from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_DOCS, SAMPLE_ERROR_REASONS, DataError,
+                                     JsonlSource, SampleError, parse_record)
 from unimedvl_jax.data.plans import Geometry, Specials, task_family, tokenize
 
 _EXAMPLES = 5
@@ -35,22 +42,65 @@ def builtin_config():
   cfg.model.vit.update(dict(patch_size=8, grid_size=8))
   cfg.model.max_latent_size = 4
   cfg.data.update(dict(batch_size=4, seq_len=512, max_latent_tokens=128, max_vit_patches=256,
-                       max_vae_images=8, vae_buffer_size=64, max_sample_tokens=512,
+                       max_vae_images=8, vae_buckets=((32, 32, 2), (64, 64, 6)),
+                       max_label_tokens=256, max_sample_tokens=512,
                        vit_max_size=64, vit_min_size=32, vae_max_size=64, vae_min_size=32))
   return cfg
 
 
-def _find_tokenizer(cfg, root: str, files: Sequence[str]) -> str:
-  cands = [cfg.data.tokenizer_path] if cfg.data.tokenizer_path else []
-  cands.append(os.path.join(root, 'tokenizer.model'))
+def tokenizer_kind(path: str) -> str:
+  """'hf' for a tokenizer.json (or a directory holding one), else 'sentencepiece'."""
+  p = os.path.expanduser(path)
+  if p.lower().endswith('.json') or os.path.isfile(os.path.join(p, 'tokenizer.json')):
+    return 'hf'
+  return 'sentencepiece'
+
+
+def embedded_tokenizer_path() -> str:
+  """The embedded synthetic dataset's SentencePiece model (the dataset is generated once, ~20 s,
+  into its default location when absent)."""
+  from unimedvl_jax.data import synthetic
+  root = synthetic.default_root()
+  path = os.path.join(root, 'tokenizer.model')
+  if not os.path.isfile(path):
+    print(f'data check: generating the embedded dataset in {root} for its tokenizer (once)',
+          file=sys.stderr, flush=True)
+    path = os.path.join(synthetic.ensure_dataset(root), 'tokenizer.model')
+  return path
+
+
+def _load_tokenizer(cfg, root: str, files: Sequence[str], tokenizer: str | None,
+                    tokenizer_kind_: str | None):
+  """(tokenizer, path, notes): the first usable tokenizer in the order of the module docstring."""
+  from unimedvl_jax.data import tokenizer as toklib
+  explicit = tokenizer or cfg.data.tokenizer_path
+  if explicit:
+    path = os.path.expanduser(explicit)
+    kind = tokenizer_kind_ or (tokenizer_kind(path) if tokenizer else cfg.data.tokenizer_kind)
+    flag = '--tokenizer' if tokenizer else 'config.data.tokenizer_path'
+    try:
+      return toklib.load_tokenizer(kind, path), path, []
+    except toklib.TokenizerError as e:
+      raise DataError(f'{flag} {path!r}: {e} (give a SentencePiece .model or an HF '
+                      'tokenizer.json with --tokenizer PATH)') from None
+  cands = [os.path.join(root, 'tokenizer.model')]
   for f in files:
     d = os.path.dirname(os.path.abspath(f))
     cands += [os.path.join(d, 'tokenizer.model'), os.path.join(os.path.dirname(d),
                                                                 'tokenizer.model')]
-  for c in cands:
-    if c and os.path.exists(os.path.expanduser(c)):
-      return os.path.expanduser(c)
-  raise DataError(f'no tokenizer found (tried {cands}); pass --config with data.tokenizer_path')
+  notes = []
+  for c in dict.fromkeys(cands):
+    if os.path.isfile(c):
+      try:
+        return toklib.load_tokenizer('sentencepiece', c), c, notes
+      except toklib.TokenizerError as e:
+        notes.append(f'skipped {c}: {e}')
+  path = embedded_tokenizer_path()
+  try:
+    return toklib.load_tokenizer('sentencepiece', path), path, notes
+  except toklib.TokenizerError as e:
+    raise DataError(f'the embedded tokenizer {path} cannot be loaded ({e}); pass '
+                    '--tokenizer PATH (a SentencePiece .model or an HF tokenizer.json)') from None
 
 
 def default_root(files: Sequence[str]) -> str:
@@ -60,17 +110,29 @@ def default_root(files: Sequence[str]) -> str:
   return os.path.dirname(d) if os.path.basename(d) in ('train', 'val', 'test') else d
 
 
-def check(files: Sequence[str] | str, root: str | None = None, cfg=None) -> dict:
-  """The check report (a JSON-able dict) of the given JSONL file(s)."""
-  from unimedvl_jax.data import tokenizer as toklib
+def check(files: Sequence[str] | str, root: str | None = None, cfg=None, *,
+          tokenizer: str | None = None, tokenizer_kind: str | None = None,
+          fit_vocab: bool | None = None) -> dict:
+  """The check report (a JSON-able dict) of the given JSONL file(s).
+
+  cfg: None = builtin_config(). tokenizer: a path (SentencePiece .model or HF tokenizer.json),
+  overriding cfg.data.tokenizer_path; its kind is inferred from the name unless tokenizer_kind
+  ('sentencepiece' | 'hf') is given. fit_vocab (default: cfg is None): grow the config's
+  vocabulary to fit the tokenizer (the built-in shapes fit any tokenizer); else a tokenizer too
+  large for config.model.llm.vocab_size is an error.
+  """
   from unimedvl_jax.data.pipeline import Bad, SampleProcessor, check_tokenizer
   t0 = time.time()
   files = [files] if isinstance(files, str) else list(files)
+  builtin = cfg is None if fit_vocab is None else fit_vocab
   cfg = builtin_config() if cfg is None else cfg
   root = os.path.abspath(root or cfg.data.root or default_root(files))
   geom = Geometry.from_config(cfg)
-  tok_path = _find_tokenizer(cfg, root, files)
-  tok = toklib.load_tokenizer(cfg.data.tokenizer_kind, tok_path)
+  tok, tok_path, tok_notes = _load_tokenizer(cfg, root, files, tokenizer, tokenizer_kind)
+  if builtin:   # the check's own shapes: any tokenizer fits
+    cfg.model.llm.vocab_size = max(int(cfg.model.llm.vocab_size), int(tok.vocab_size),
+                                   *(int(getattr(tok, n)) + 1 for n in (
+                                       'im_start', 'im_end', 'vision_start', 'vision_end')))
   check_tokenizer(tok, cfg)
   specials = Specials.from_tokenizer(tok)
   proc = SampleProcessor(cfg, '', root)
@@ -99,21 +161,21 @@ def check(files: Sequence[str] | str, root: str | None = None, cfg=None) -> dict
       for i in range(len(src)):
         read += 1
         raw = src[i]
-        try:
-          el = proc(raw)
-        except Exception as e:  # pylint: disable=broad-except  (never stop on one sample)
-          skip('other', raw.loc, f'{type(e).__name__}: {e}')
-          continue
+        el = proc(raw)          # never raises for a sample (SampleProcessor's contract)
         if isinstance(el, Bad):
           skip(el.reason, el.loc, el.detail)
           continue
-        s = tokenize(el.items, specials, geom, loc=el.loc)
-        why = s.budget_problem(geom)
+        try:
+          s = tokenize(el.items, specials, geom, loc=el.loc)
+          why = s.budget_problem(geom)
+        except Exception as e:  # noqa: BLE001  (as the training packer: never stop on one sample)
+          skip('processing_error', el.loc, f'{type(e).__name__}: {e}')
+          continue
         if why:
           skip('too_long', s.loc, why)
           continue
         try:
-          families[task_family(parse_record(raw, root))] += 1
+          families[task_family(parse_record(raw, root, allow_outside_root=True))] += 1
         except SampleError:
           pass
         ntok.append(s.n_tokens), nlat.append(s.n_lat), npatch.append(s.n_patches)
@@ -141,10 +203,11 @@ def check(files: Sequence[str] | str, root: str | None = None, cfg=None) -> dict
   per = lambda x, cap: round(x / (packs_n * cap), 4) if packs_n and cap else 0.0
   return dict(
       files=[os.path.abspath(f) for f in files], root=root, config=cfg.get('name', ''),
-      tokenizer=tok_path, file_errors=file_errors,
+      tokenizer=tok_path, tokenizer_notes=tok_notes, file_errors=file_errors,
       samples_read=read, usable=usable, skipped_total=bad,
       skipped={r: c for r, c in skipped.items()},
       examples={r: ex for r, ex in examples.items() if ex},
+      reasons=dict(SAMPLE_ERROR_DOCS),
       bad_fraction=round(bad / read, 4) if read else 0.0,
       ok=not file_errors and (bad / read if read else 0.0) <= cfg.data.max_bad_fraction,
       task_families=dict(families),

@@ -17,7 +17,11 @@ Grey-level conventions:
   middle one), shown in radiological convention (patient right on the image left, anterior up),
   0.5 / 99.5 percentile window.
 
-Errors: `ImageError` with `reason` in ('missing_file', 'undecodable_image', 'unsupported_dicom').
+Errors: `ImageError` with `reason` in REASONS: 'missing_file' (absent, or a directory),
+'not_a_regular_file' (a FIFO, socket or device: refused without reading, so never hangs),
+'image_too_large' (the header declares more pixels than `max_pixels`: refused before decoding,
+see `source_pixel_cap`), 'undecodable_image', 'unsupported_dicom'. A malformed `window`
+argument is a ValueError (a caller's mistake, not the file's).
 
 Resize rules (SPEC section 3) are `target_size` + `resize`; model inputs use `to_unit_range`
 (pixels to [-1, 1]) and `vit_patchify` ((row, col, channel) order, channel fastest).
@@ -27,15 +31,37 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from struct import error as struct_error
 
 PathLike = Union[str, os.PathLike]
 
-REASONS = ('missing_file', 'undecodable_image', 'unsupported_dicom')
+REASONS = ('missing_file', 'not_a_regular_file', 'image_too_large', 'undecodable_image',
+           'unsupported_dicom')
+
+# The pixel cap of a source image is this many times the largest configured model input
+# (ViT or VAE), and never below MIN_PIXEL_CAP (4096 x 4096); a NIfTI volume may hold
+# VOLUME_FACTOR times the cap in voxels (the whole volume is read to take one slice).
+PIXEL_CAP_FACTOR = 32
+MIN_PIXEL_CAP = 1 << 24
+VOLUME_FACTOR = 16
+
+
+def source_pixel_cap(*, vit_max_size: int, vae_max_size: int, vit_max_pixels: int | None = None
+                     ) -> int:
+  """The most pixels a source image may declare (before decoding) given the configured maximum
+  model-input sizes: PIXEL_CAP_FACTOR x max(ViT area, VAE area), at least MIN_PIXEL_CAP. With the
+  released sizes (ViT <= 980^2, VAE <= 1024^2) it is 32 x 1024^2 = 33.5M pixels (5792^2: a
+  5355 x 4915 mammogram passes); a 9000 x 9000 picture (81M pixels, 2.6 GiB once decoded to
+  float) is refused."""
+  vit = min(vit_max_size ** 2, vit_max_pixels) if vit_max_pixels else vit_max_size ** 2
+  return int(max(MIN_PIXEL_CAP, PIXEL_CAP_FACTOR * max(vit, vae_max_size ** 2)))
+
 
 # Named DICOM windows (center, width) in the modality's units (HU for CT).
 WINDOW_PRESETS = {
@@ -75,16 +101,29 @@ class ImageError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 def _sniff(path: str) -> str:
-  """'dicom' | 'nifti' | 'pil' from magic bytes, then the extension."""
+  """'dicom' | 'nifti' | 'pil' from magic bytes, then the extension. Refuses anything but a
+  regular file without blocking (the file is opened non-blocking and checked with fstat)."""
   try:
-    with open(path, 'rb') as f:
-      head = f.read(352)
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
   except FileNotFoundError:
     raise ImageError('missing_file', path) from None
   except IsADirectoryError:
     raise ImageError('missing_file', path, 'is a directory') from None
+  except (OSError, ValueError) as e:
+    raise ImageError('missing_file', path, str(e)) from None
+  try:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+      raise ImageError('missing_file', path, 'is a directory')
+    if not stat.S_ISREG(mode):
+      kind = ('a FIFO' if stat.S_ISFIFO(mode) else 'a socket' if stat.S_ISSOCK(mode)
+              else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'not a file')
+      raise ImageError('not_a_regular_file', path, f'{kind}, not a regular file')
+    head = os.pread(fd, 352, 0)
   except OSError as e:
     raise ImageError('missing_file', path, str(e)) from None
+  finally:
+    os.close(fd)
   if len(head) >= 132 and head[128:132] == b'DICM':
     return 'dicom'
   if len(head) >= 348 and head[344:348] in (b'n+1\0', b'ni1\0', b'n+2\0'):
@@ -104,21 +143,33 @@ def _sniff(path: str) -> str:
 
 def load_image(path: PathLike, *, frame: Optional[int] = None, slice_index: Optional[int] = None,
                window: Union[None, str, Sequence[float]] = None,
-               modality_hint: Optional[str] = None) -> np.ndarray:
+               modality_hint: Optional[str] = None, max_pixels: Optional[int] = None
+               ) -> np.ndarray:
   """Reads any supported file into uint8 [H, W, 3] RGB. Raises ImageError.
 
   frame: frame of a multi-frame DICOM (default middle) or page of a multi-page TIFF/GIF
     (default 0). slice_index: axial slice of a NIfTI volume (default middle).
   window: (center, width) or a name in WINDOW_PRESETS, for DICOM and NIfTI; overrides the
-    file's window. modality_hint: used when the DICOM has no Modality tag (e.g. 'CT').
+    file's window (ValueError if malformed). modality_hint: used when the DICOM has no Modality
+    tag (e.g. 'CT').
+  max_pixels: refuse ('image_too_large') a file whose header declares more pixels (rows x
+    columns; a NIfTI volume: more than VOLUME_FACTOR x max_pixels voxels), before decoding.
   """
   path = os.fspath(path)
+  win = _resolve_window(window)    # a bad window is the caller's error: raise before any I/O
   kind = _sniff(path)
   if kind == 'dicom':
-    return _load_dicom(path, frame=frame, window=window, modality_hint=modality_hint)
+    return _load_dicom(path, frame=frame, window=win, modality_hint=modality_hint,
+                       max_pixels=max_pixels)
   if kind == 'nifti':
-    return _load_nifti(path, slice_index=slice_index, window=window)
-  return _load_pil(path, frame=frame)
+    return _load_nifti(path, slice_index=slice_index, window=win, max_pixels=max_pixels)
+  return _load_pil(path, frame=frame, max_pixels=max_pixels)
+
+
+def _too_large(path: str, what: str, n: int, cap: int) -> ImageError:
+  return ImageError('image_too_large', path,
+                    f'{what} = {n} pixels exceed the cap of {cap} (images.source_pixel_cap of '
+                    'the configured vit/vae maximum sizes); refused before decoding')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,14 +177,22 @@ def load_image(path: PathLike, *, frame: Optional[int] = None, slice_index: Opti
 # ----------------------------------------------------------------------------------------------
 
 def _resolve_window(window) -> Optional[tuple[float, float]]:
+  """None, a preset name, or (center, width) -> None | (center, width). ValueError otherwise."""
   if window is None:
     return None
   if isinstance(window, str):
     if window not in WINDOW_PRESETS:
       raise ValueError(f'unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}')
     return WINDOW_PRESETS[window]
-  c, w = window
-  return float(c), float(w)
+  try:
+    c, w = window
+    c, w = float(c), float(w)
+  except (TypeError, ValueError):
+    raise ValueError(f'window must be a preset name or (center, width), got {window!r}'[:300]
+                     ) from None
+  if not (math.isfinite(c) and math.isfinite(w) and w > 0):
+    raise ValueError(f'window (center, width) must be finite with width > 0, got {window!r}')
+  return c, w
 
 
 def apply_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -173,24 +232,37 @@ def _grey_to_rgb(g: np.ndarray) -> np.ndarray:
 # PIL formats
 # ----------------------------------------------------------------------------------------------
 
-def _load_pil(path: str, frame: Optional[int] = None) -> np.ndarray:
+def _load_pil(path: str, frame: Optional[int] = None, max_pixels: Optional[int] = None
+              ) -> np.ndarray:
+  def check(im):
+    w, h = im.size
+    if max_pixels and w * h > max_pixels:
+      raise _too_large(path, f'header size {w} x {h}', w * h, max_pixels)
+
   try:
-    with Image.open(path) as im:
-      if frame:
-        try:
-          im.seek(frame)
-        except EOFError:
-          raise ImageError('undecodable_image', path,
-                           f'frame {frame} out of range ({getattr(im, "n_frames", 1)} frames)')
-      im.load()
-      return _pil_to_rgb(im)
+    with warnings.catch_warnings():
+      if max_pixels:   # PIL's own bomb warning (above Image.MAX_IMAGE_PIXELS) refuses too
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as im:   # reads the header only
+        check(im)
+        if frame:
+          try:
+            im.seek(frame)
+          except EOFError:
+            raise ImageError('undecodable_image', path,
+                             f'frame {frame} out of range ({getattr(im, "n_frames", 1)} frames)')
+          check(im)
+        im.load()
+        return _pil_to_rgb(im)
   except ImageError:
     raise
   except FileNotFoundError:
     raise ImageError('missing_file', path) from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-          Image.DecompressionBombError) as e:
-    raise ImageError('undecodable_image', path, f'{type(e).__name__}: {e}') from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageError('image_too_large', path, f'{type(e).__name__}: {e}') from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,
+          IndexError, KeyError, struct_error, MemoryError) as e:
+    raise ImageError('undecodable_image', path, f'{type(e).__name__}: {e}'[:300]) from None
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
@@ -227,7 +299,8 @@ def _first(v) -> float:
   return float(v)
 
 
-def _load_dicom(path: str, frame=None, window=None, modality_hint=None) -> np.ndarray:
+def _load_dicom(path: str, frame=None, window=None, modality_hint=None, max_pixels=None
+                ) -> np.ndarray:
   import pydicom
   from pydicom.errors import InvalidDicomError
   try:
@@ -259,6 +332,14 @@ def _load_dicom(path: str, frame=None, window=None, modality_hint=None) -> np.nd
     frame = n_frames // 2
   if not 0 <= frame < n_frames:
     raise ImageError('undecodable_image', path, f'frame {frame} out of range ({n_frames} frames)')
+  if max_pixels:
+    try:
+      rows, cols = int(ds.get('Rows', 0) or 0), int(ds.get('Columns', 0) or 0)
+    except (TypeError, ValueError):
+      raise ImageError('undecodable_image', path,
+                       f'bad Rows/Columns {ds.get("Rows")!r} x {ds.get("Columns")!r}') from None
+    if rows * cols > max_pixels:
+      raise _too_large(path, f'DICOM Rows x Columns {rows} x {cols}', rows * cols, max_pixels)
 
   try:
     from pydicom.pixels import pixel_array
@@ -344,15 +425,28 @@ def dicom_tags(path: PathLike) -> dict:
 # NIfTI
 # ----------------------------------------------------------------------------------------------
 
-def _load_nifti(path: str, slice_index=None, window=None) -> np.ndarray:
+def _load_nifti(path: str, slice_index=None, window=None, max_pixels=None) -> np.ndarray:
   import nibabel as nib
   try:
-    img = nib.load(path)
+    img = nib.load(path)     # the header only; the voxels stay on disk until read
+    if max_pixels:
+      shape = tuple(int(x) for x in img.header.get_data_shape())
+      plane = shape[0] * (shape[1] if len(shape) > 1 else 1) if shape else 0
+      vol = int(np.prod(shape[:3], dtype=np.float64)) if shape else 0
+      if plane > max_pixels:
+        raise _too_large(path, f'NIfTI header in-plane size {shape[:2]}', plane, max_pixels)
+      if vol > VOLUME_FACTOR * max_pixels:
+        raise _too_large(path, f'NIfTI header volume {shape[:3]}', vol, VOLUME_FACTOR * max_pixels)
+    if len(img.shape) > 3:   # volume 0 only: do not read the other volumes
+      first = np.asanyarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)])
+      img = img.__class__(first, img.affine, img.header)
     try:
       img = nib.as_closest_canonical(img)
     except Exception:  # noqa: BLE001  (odd affines: keep the stored orientation)
       pass
     data = np.asanyarray(img.dataobj)
+  except ImageError:
+    raise
   except FileNotFoundError:
     raise ImageError('missing_file', path) from None
   except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors, ...
@@ -374,7 +468,10 @@ def _load_nifti(path: str, slice_index=None, window=None) -> np.ndarray:
   # RAS array [x, y] -> radiological view: rows anterior->posterior, columns right->left.
   view = sl[::-1, ::-1].T
   win = _resolve_window(window)
-  g = apply_window(view, *win) if win is not None else percentile_window(view)
+  try:
+    g = apply_window(view, *win) if win is not None else percentile_window(view)
+  except (TypeError, ValueError) as e:   # e.g. a non-numeric voxel dtype
+    raise ImageError('undecodable_image', path, f'{type(e).__name__}: {str(e)[:200]}') from None
   return _grey_to_rgb(np.ascontiguousarray(g))
 
 

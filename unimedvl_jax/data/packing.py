@@ -1,10 +1,12 @@
 """Packing whole samples into the static budgets of `batch.py`.
 
-A pack holds whole samples only (never split, never truncated) within five budgets: T tokens,
-U = T - L understanding tokens (text, markers, ViT patches), L latent tokens, P ViT patches, N VAE
-image slots. `OpenPack.fits` checks all five; `assemble` turns B lists of `TokenSample`s into the
-batch dict of `batch_spec(cfg)`; `first_fit` places samples into packs in order (the pipeline
-adds a lookahead buffer and mandatory groups on top, see pipeline.py).
+A pack holds whole samples only (never split, never truncated) within its budgets: T tokens,
+U = T - L understanding tokens (text, markers, ViT patches), L latent tokens, C CE targets, P ViT
+patches, N VAE images, and (pixel path) the slots of each VAE size bucket. `OpenPack.fits`
+checks them all; `assemble` turns B lists of `TokenSample`s into the batch dict of
+`batch.batch_spec` (the only description of the batch: arrays are allocated from it);
+`first_fit` places samples into packs in order (the pipeline adds a lookahead buffer and
+mandatory groups on top, see pipeline.py).
 
 Layout of one pack: the samples' tokens in placement order from position 0, then padding up to
 T. und_idx = the understanding tokens in ascending order, then the first U - n_und padding
@@ -20,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from unimedvl_jax.batch import TOKEN_PAD, TOKEN_VAE
+from unimedvl_jax.batch import TOKEN_PAD, TOKEN_VAE, bucket_key, empty_batch
 from unimedvl_jax.data.plans import Geometry, TokenSample
 
 
@@ -29,32 +31,42 @@ class OpenPack:
   samples: list = dataclasses.field(default_factory=list)
   n_tokens: int = 0
   n_lat: int = 0
+  n_labels: int = 0
   n_patches: int = 0
   n_vae: int = 0
+  buckets: dict = dataclasses.field(default_factory=dict)   # bucket index -> slots used
 
   @property
   def n_und(self) -> int:
     return self.n_tokens - self.n_lat
 
   def fits(self, s: TokenSample, geom: Geometry) -> bool:
-    return (self.n_tokens + s.n_tokens <= geom.T
+    if not (self.n_tokens + s.n_tokens <= geom.T
             and self.n_und + s.n_und <= geom.U
             and self.n_lat + s.n_lat <= geom.L
+            and self.n_labels + s.n_labels <= geom.labels
             and self.n_patches + s.n_patches <= geom.P
-            and self.n_vae + s.n_vae <= geom.N)
+            and self.n_vae + s.n_vae <= geom.N):
+      return False
+    vb = geom.vae_buckets
+    return all(self.buckets.get(j, 0) + n <= vb[j][2] for j, n in s.bucket_counts(geom).items())
 
-  def add(self, s: TokenSample) -> None:
+  def add(self, s: TokenSample, geom: Geometry | None = None) -> None:
     self.samples.append(s)
     self.n_tokens += s.n_tokens
     self.n_lat += s.n_lat
+    self.n_labels += s.n_labels
     self.n_patches += s.n_patches
     self.n_vae += s.n_vae
+    if geom is not None:
+      for j, n in s.bucket_counts(geom).items():
+        self.buckets[j] = self.buckets.get(j, 0) + n
 
 
 def place_first_fit(packs: Sequence[OpenPack], s: TokenSample, geom: Geometry) -> bool:
   for p in packs:
     if p.fits(s, geom):
-      p.add(s)
+      p.add(s, geom)
       return True
   return False
 
@@ -73,7 +85,7 @@ def first_fit(samples: Iterable[TokenSample], geom: Geometry, n_packs: int) -> l
 
 
 def _pack_arrays(samples: Sequence[TokenSample], geom: Geometry, out: dict, b: int) -> None:
-  """Writes pack `b` of the batch `out` (preallocated, zero-filled)."""
+  """Writes pack `b` of the batch `out` (allocated from batch_spec: zeros, empty_batch fills)."""
   T, U, L = geom.T, geom.U, geom.L
   n = sum(s.n_tokens for s in samples)
   if samples:
@@ -93,6 +105,10 @@ def _pack_arrays(samples: Sequence[TokenSample], geom: Geometry, out: dict, b: i
     out['segment_ids'][b, :n] = np.concatenate(seg)
     out['split_ids'][b, :n] = np.concatenate(spl)
     out['split_ids'][b, n:] = split_off
+  labels = np.flatnonzero(out['loss_mask'][b] > 0)
+  assert labels.size <= out['label_pos'].shape[1], 'label budget exceeded (packer bug)'
+  out['label_pos'][b, :labels.size] = labels
+  out['label_pos'][b, labels.size:] = T
   tt = out['token_type'][b]
   is_lat = tt == TOKEN_VAE
   real = np.arange(T) < n
@@ -106,6 +122,7 @@ def _pack_arrays(samples: Sequence[TokenSample], geom: Geometry, out: dict, b: i
 
   # ViT patches
   start, p, img = 0, 0, 0
+  out['vit_token_idx'][b] = T
   for s in samples:
     for patches, pos_ids, tok in s.vit:
       m = patches.shape[0]
@@ -116,24 +133,40 @@ def _pack_arrays(samples: Sequence[TokenSample], geom: Geometry, out: dict, b: i
       out['vit_token_idx'][b, p:p + m] = tok + start
       p += m
     start += s.n_tokens
-  out['vit_token_idx'][b, p:] = T
 
   # VAE images and latent tokens
-  start, q, slot = 0, 0, 0
+  buckets = geom.vae_buckets
+  offsets = geom.bucket_offsets()
+  used = [0] * len(buckets)
+  if not geom.latent_cache:
+    for h, w, _ in buckets:
+      out[bucket_key(h, w) + '_image'][b] = -1
+  start, q, image = 0, 0, 0
   for s in samples:
-    for pixels, noised, tok, lpatch, lpos in s.vae:
-      h, w = pixels.shape[:2]
-      k = tok.shape[0]
-      out['vae_images'][b, slot, :h, :w] = pixels
-      out['vae_image_noised'][b, slot] = int(noised)
-      assert np.array_equal(gen_real[q:q + k], tok + start), 'latent order (packer bug)'
+    for v in s.vae:
+      k = v.tok.shape[0]
+      assert np.array_equal(gen_real[q:q + k], v.tok + start), 'latent order (packer bug)'
+      out['vae_image_noised'][b, image] = int(v.noised)
       out['latent_mask'][b, q:q + k] = 1.0
-      out['latent_image'][b, q:q + k] = slot
-      out['latent_patch'][b, q:q + k] = lpatch
-      out['latent_pos_ids'][b, q:q + k] = lpos
-      out['latent_noised'][b, q:q + k] = float(noised)
+      out['latent_image'][b, q:q + k] = image
+      out['latent_pos_ids'][b, q:q + k] = v.lpos
+      out['latent_noised'][b, q:q + k] = float(v.noised)
+      if geom.latent_cache:
+        if v.moments is None:
+          raise ValueError(f'{s.loc}: a VAE image has no cached moments (data.latent_cache is set)')
+        out['latent_mean'][b, q:q + k], out['latent_logvar'][b, q:q + k] = v.moments
+      else:
+        if v.pixels is None:
+          raise ValueError(f'{s.loc}: a VAE image has no pixels (data.latent_cache is not set)')
+        h, w = v.size
+        j = geom.bucket_index(h, w)
+        slot = used[j]
+        used[j] += 1
+        out[bucket_key(h, w)][b, slot] = v.pixels
+        out[bucket_key(h, w) + '_image'][b, slot] = image
+        out['latent_src'][b, q:q + k] = offsets[j] + slot * geom.bucket_tokens(h, w) + np.arange(k)
       q += k
-      slot += 1
+      image += 1
     start += s.n_tokens
 
 
@@ -141,49 +174,33 @@ def assemble(packs: Sequence[Sequence[TokenSample] | OpenPack], cfg_or_geom, bat
              ) -> dict[str, np.ndarray]:
   """The batch dict (exactly batch_spec with batch dim len(packs) or batch_size; missing packs
   are all padding) holding `packs`."""
-  from unimedvl_jax.batch import batch_spec
   geom = cfg_or_geom if isinstance(cfg_or_geom, Geometry) else Geometry.from_config(cfg_or_geom)
   B = len(packs) if batch_size is None else batch_size
   if len(packs) > B:
     raise ValueError(f'{len(packs)} packs for a batch of {B}')
-  spec = _spec(geom, B)
-  out = {k: np.zeros(shape, dt) for k, (shape, dt) in spec.items()}
+  out = empty_batch(geom, B)
   for b in range(B):
     pk = packs[b] if b < len(packs) else []
     _pack_arrays(pk.samples if isinstance(pk, OpenPack) else list(pk), geom, out, b)
   return out
 
 
-def _spec(geom: Geometry, B: int):
-  i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-  T, L, P, N, S = geom.T, geom.L, geom.P, geom.N, geom.S
-  tok = ((B, T), i32)
-  return {
-      'input_ids': tok, 'segment_ids': tok, 'split_ids': tok, 'split_modes': tok,
-      'positions': tok, 'token_type': tok, 'label_ids': tok, 'loss_mask': ((B, T), f32),
-      'und_idx': ((B, T - L), i32), 'gen_idx': ((B, L), i32),
-      'vit_patches': ((B, P, geom.K), f32), 'vit_segment_ids': ((B, P), i32),
-      'vit_pos_ids': ((B, P), i32), 'vit_token_idx': ((B, P), i32),
-      'vae_images': ((B, N, S, S, 3), f32), 'vae_image_noised': ((B, N), i32),
-      'latent_mask': ((B, L), f32), 'latent_image': ((B, L), i32),
-      'latent_patch': ((B, L), i32), 'latent_pos_ids': ((B, L), i32),
-      'latent_noised': ((B, L), f32),
-  }
-
-
 def batch_fill(batch: dict, geom: Geometry) -> dict:
-  """Budget use of a batch: fractions of real tokens, latent tokens, ViT patches, VAE slots."""
+  """Budget use of a batch: fractions of real tokens, latent tokens, CE targets, ViT patches,
+  VAE images."""
   B = batch['segment_ids'].shape[0]
   real = float((batch['segment_ids'] != 0).sum())
+  images = int(sum(len(np.unique(r[m > 0])) for r, m in zip(batch['latent_image'],
+                                                             batch['latent_mask'])))
   return dict(
       packs=B,
       samples=int(sum(len(np.unique(s[s != 0])) for s in batch['segment_ids'])),
       token_fill=real / (B * geom.T),
       padding_fraction=1.0 - real / (B * geom.T),
       latent_fill=float(batch['latent_mask'].sum()) / max(1, B * geom.L),
+      label_fill=float(batch['loss_mask'].sum()) / max(1, B * geom.labels),
       vit_fill=float((batch['vit_segment_ids'] != 0).sum()) / max(1, B * geom.P),
-      vae_slot_fill=float((batch['vae_images'].reshape(B, geom.N, -1) != 0).any(-1).sum())
-      / max(1, B * geom.N),
+      vae_image_fill=images / max(1, B * geom.N),
   )
 
 
@@ -211,6 +228,8 @@ def check_pack_invariants(batch: dict, geom: Geometry) -> None:
     assert (batch['label_ids'][b][lm == 0] == 0).all(), 'labels outside the loss mask'
     assert (tt[lm == 1] == 1).all(), 'loss on a non-text token'
     li = np.flatnonzero(lm == 1)
+    lp = batch['label_pos'][b]
+    assert np.array_equal(lp[:li.size], li) and (lp[li.size:] == T).all(), 'label_pos'
     assert (li < T - 1).all() and np.array_equal(batch['label_ids'][b][li],
                                                  batch['input_ids'][b][li + 1]), \
         'a label is not the next token id'
@@ -220,8 +239,12 @@ def check_pack_invariants(batch: dict, geom: Geometry) -> None:
     assert int((tt == 2).sum()) == int((vs != 0).sum())
     assert (batch['latent_noised'][b] <= batch['latent_mask'][b]).all()
     assert np.array_equal(batch['split_modes'][b][lat] == 2, batch['latent_noised'][b][:k] == 1)
-    assert (batch['latent_pos_ids'][b] >= 0).all() and (batch['latent_patch'][b] >= 0).all()
-    assert batch['latent_patch'][b].max(initial=0) < (geom.S // geom.latent_px) ** 2
+    assert (batch['latent_pos_ids'][b] >= 0).all()
+    if not geom.latent_cache:
+      rows = sum(n * geom.bucket_tokens(h, w) for h, w, n in geom.vae_buckets)
+      src = batch['latent_src'][b][:k]
+      assert (src >= 0).all() and (src < max(rows, 1)).all() and len(np.unique(src)) == k, \
+          'latent_src'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,13 +280,13 @@ def fill_batch(n_packs: int, geom: Geometry, pending: list, draw, *, lookahead: 
       for e in pending:
         if e.group == g and p.fits(e.sample, geom):
           pending.remove(e)
-          p.add(e.sample)
+          p.add(e.sample, geom)
           break
       else:
         for _ in range(max_mandatory_tries):
           e = draw_group(g)
           if p.fits(e.sample, geom):
-            p.add(e.sample)
+            p.add(e.sample, geom)
             break
           pending.append(e)
         else:

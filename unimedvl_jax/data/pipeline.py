@@ -37,6 +37,7 @@ import numpy as np
 import grain
 from absl import logging
 
+from unimedvl_jax.data import latent_cache as latent_cache_lib
 from unimedvl_jax.data import packing
 from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_REASONS, DataError, JsonlSource, RawLine, Sample,
                                      SampleError, iter_records, parse_record)
@@ -194,16 +195,35 @@ class Good:
     self.items, self.loc, self.group = items, loc, group
 
 
+def _exception_text(e: BaseException) -> str:
+  return f'{type(e).__name__}: {e}'[:300]
+
+
+def sample_pixel_cap(cfg) -> int:
+  """The pixel cap applied to the training images of `cfg` (images.source_pixel_cap)."""
+  from unimedvl_jax.data.images import source_pixel_cap
+  d = cfg.data
+  return source_pixel_cap(vit_max_size=d.vit_max_size, vae_max_size=d.vae_max_size,
+                          vit_max_pixels=d.vit_max_pixels or None)
+
+
 class SampleProcessor:
   """RawLine -> Good(materialized plan items) | Bad(reason). Picklable; loads its tokenizer
-  lazily in whatever process runs it."""
+  lazily in whatever process runs it. Never raises for a sample: any failure becomes a Bad with
+  a reason of SAMPLE_ERROR_REASONS ('processing_error' with the exception type and text for an
+  exception no other reason covers)."""
 
   def __init__(self, cfg, group: str, root: str):
     self.group, self.root = group, root
     self.geom = Geometry.from_config(cfg)
     self.tok_kind = cfg.data.tokenizer_kind
     self.tok_path = cfg.data.tokenizer_path or os.path.join(root, 'tokenizer.model')
+    self.allow_outside_root = bool(cfg.data.get('allow_outside_root', False))
+    self.max_pixels = sample_pixel_cap(cfg)
     self._tok = None
+    # VAE images from the latent cache (moments) instead of pixels; opened once per process
+    self.latent_cache = (None if not cfg.data.get('latent_cache', '') else
+                         latent_cache_lib.LatentCache(cfg.data.latent_cache, root, cfg))
 
   @property
   def tokenizer(self):
@@ -218,12 +238,44 @@ class SampleProcessor:
     return d
 
   def __call__(self, raw: RawLine):
+    tok = self.tokenizer    # a missing/corrupt tokenizer is not a per-sample problem: raise
+    loc = getattr(raw, 'loc', '?')
     try:
-      sample = parse_record(raw, self.root, self.group)
-      items = materialize(plan_sample(sample), self.tokenizer, self.geom, sample)
+      sample = parse_record(raw, self.root, self.group, allow_outside_root=self.allow_outside_root,
+                            max_image_pixels=self.max_pixels)
+      items = materialize(plan_sample(sample), _CheckedTokenizer(tok), self.geom, sample,
+                          latent_cache=self.latent_cache)
       return Good(items, sample.loc, self.group)
     except SampleError as e:
       return Bad(e.reason, e.loc, e.detail)
+    except latent_cache_lib.LatentCacheError:
+      raise     # a stale or incomplete cache is not a per-sample problem: rebuild it
+    except _TextError as e:
+      return Bad('invalid_text', loc, str(e))
+    except Exception as e:  # noqa: BLE001  (one bad sample never stops the pipeline)
+      return Bad('processing_error', loc, _exception_text(e))
+
+
+class _TextError(Exception):
+  pass
+
+
+class _CheckedTokenizer:
+  """The tokenizer, with `encode` failures told apart from other errors (-> 'invalid_text')."""
+  __slots__ = ('_tok',)
+
+  def __init__(self, tok):
+    self._tok = tok
+
+  def encode(self, text):
+    try:
+      return self._tok.encode(text)
+    except Exception as e:  # noqa: BLE001  (sentencepiece raises RuntimeError, tokenizers ...)
+      raise _TextError(f'the tokenizer cannot encode a text of {len(text)} characters '
+                       f'({_exception_text(e)}): {text[:60]!r}') from None
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +440,12 @@ class PackIterator(grain.DatasetIterator):
       if isinstance(el, Bad):
         self._skip(el.reason, el.loc, el.detail)
         continue
-      s = self._tokenize(el, g, idx)
-      why = s.budget_problem(self._ds.geom)
+      try:
+        s = self._tokenize(el, g, idx)
+        why = s.budget_problem(self._ds.geom)
+      except Exception as e:  # noqa: BLE001  (one bad sample never stops the pipeline)
+        self._skip('processing_error', el.loc, _exception_text(e))
+        continue
       if why:
         self._skip('too_long', s.loc, why)
         continue
@@ -496,6 +552,12 @@ def summarize_stats(packer_stats: Sequence[dict]) -> dict:
   return tot
 
 
+def state_stats(state: dict) -> dict:
+  """The data counters (summarize_stats) recorded in a TrainIterator state: the statistics as
+  of the batch that state belongs to (the trainer keeps the state of each consumed batch)."""
+  return summarize_stats([s['stats'] for s in _find_packer_states(state.get('pipeline', state))])
+
+
 class TrainIterator(grain.DatasetIterator):
   """Numpy batch dicts (exactly batch_spec with B = batch_size // process_count), plus
   `get_state()` / `set_state()` (JSON-able; grain.checkpoint.CheckpointSave/Restore work on it
@@ -522,7 +584,7 @@ class TrainIterator(grain.DatasetIterator):
     self._parent.set_state(state['pipeline'])
 
   def stats(self) -> dict:
-    return summarize_stats([s['stats'] for s in _find_packer_states(self._parent.get_state())])
+    return state_stats(self.get_state())
 
   def __str__(self):
     return f'TrainIterator({self._signature})'
@@ -578,7 +640,8 @@ def build_dataset(cfg, stage: str | None = None, *, split: str = 'train', proces
   signature = dict(groups=[g['name'] for g in groups], stage=stage, split=split,
                    seed=int(cfg.seed), process_index=process_index, process_count=process_count,
                    num_workers=int(d.num_workers), packs_per_batch=d.batch_size // process_count,
-                   budgets=[geom.T, geom.L, geom.P, geom.N, geom.S])
+                   budgets=[geom.T, geom.L, geom.labels, geom.P, geom.N,
+                            [list(b) for b in geom.vae_buckets], geom.latent_cache])
   return ds, signature
 
 
@@ -609,7 +672,8 @@ def iter_eval_samples(cfg, split: str = 'val', groups: Iterable[str] | None = No
     if want is not None and g['name'] not in want:
       continue
     for f in g['files']:
-      for rec in iter_records(f, root, g['name']):
+      for rec in iter_records(f, root, g['name'],
+                              allow_outside_root=bool(cfg.data.get('allow_outside_root', False))):
         if isinstance(rec, SampleError):
           logging.warning('skipping %s', rec)
           continue
@@ -633,6 +697,10 @@ def pack_samples(cfg, samples: Iterable, *, tokenizer=None, batch_size: int | No
   geom = Geometry.from_config(cfg)
   tok = tokenizer
   toks = []
+  cache = None
+  if cfg.data.get('latent_cache', ''):
+    cache = latent_cache_lib.LatentCache(cfg.data.latent_cache,
+                                         data_root(cfg) if root is None else root, cfg)
   for i, s in enumerate(samples):
     if isinstance(s, TokenSample):
       toks.append(s)
@@ -641,8 +709,9 @@ def pack_samples(cfg, samples: Iterable, *, tokenizer=None, batch_size: int | No
       tok = load_tokenizer(cfg, root)
     if isinstance(s, dict):
       raw = RawLine('<pack_samples>', i + 1, json.dumps(s))
-      s = parse_record(raw, data_root(cfg) if root is None else root)
-    items = materialize(plan_sample(s), tok, geom, s)
+      s = parse_record(raw, data_root(cfg) if root is None else root,
+                       allow_outside_root=bool(cfg.data.get('allow_outside_root', False)))
+    items = materialize(plan_sample(s), tok, geom, s, latent_cache=cache)
     rng = None if seed is None else np.random.default_rng([seed, i])
     d = cfg.data
     toks.append(tokenize(items, Specials.from_tokenizer(tok), geom, rng,

@@ -28,10 +28,11 @@ Three steps, each testable on its own:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from unimedvl_jax import batch as batch_lib
 from unimedvl_jax.batch import MODE_CAUSAL, MODE_FULL, MODE_NOISE
 from unimedvl_jax.batch import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT
 from unimedvl_jax.data.jsonl import ImageRef, Sample, SampleError
@@ -44,45 +45,8 @@ FAMILIES = ('understanding', 'text_to_image', 'editing', 'counterfactual')
 # geometry of one pack / one sample, from the config
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  T: int                 # tokens per pack
-  L: int                 # latent (generation-expert) tokens per pack
-  P: int                 # ViT patches per pack
-  N: int                 # VAE image slots per pack
-  S: int                 # VAE pixel buffer side
-  vit_patch: int
-  vit_grid: int
-  latent_px: int         # pixels per latent token side (8 * latent_patch_size)
-  max_latent_size: int
-  vit_max_size: int = 980
-  vit_min_size: int = 378
-  vit_max_pixels: int | None = None
-  vae_max_size: int = 1024
-  vae_min_size: int = 512
-  max_sample_tokens: int = 1 << 30
-
-  @property
-  def U(self) -> int:
-    return self.T - self.L
-
-  @property
-  def K(self) -> int:
-    return 3 * self.vit_patch ** 2
-
-  @property
-  def buf_grid(self) -> int:
-    return self.S // self.latent_px
-
-  @classmethod
-  def from_config(cls, cfg) -> 'Geometry':
-    d, m = cfg.data, cfg.model
-    return cls(T=d.seq_len, L=d.max_latent_tokens, P=d.max_vit_patches, N=d.max_vae_images,
-               S=d.vae_buffer_size, vit_patch=m.vit.patch_size, vit_grid=m.vit.grid_size,
-               latent_px=8 * m.latent_patch_size, max_latent_size=m.max_latent_size,
-               vit_max_size=d.vit_max_size, vit_min_size=d.vit_min_size,
-               vit_max_pixels=d.vit_max_pixels or None, vae_max_size=d.vae_max_size,
-               vae_min_size=d.vae_min_size, max_sample_tokens=d.max_sample_tokens)
+# The pack geometry lives with the batch contract (batch.py); re-exported here for the data code.
+Geometry = batch_lib.Geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +74,10 @@ class PlanItem:
   text: str = ''                     # text: the string (before materialize)
   image: ImageRef | None = None      # vit / vae: the source image
   ids: Any = None                    # text, after materialize: int ids (no specials)
-  patches: Any = None                # vit, after materialize: float32 [nh*nw, K]
+  patches: Any = None                # vit, after materialize: uint8 [nh*nw, K] raw pixels
   grid: tuple[int, int] = (0, 0)     # vit: (nh, nw) patches; vae: (gh, gw) latent tokens
-  pixels: Any = None                 # vae, after materialize: float32 [h, w, 3] in [-1, 1]
+  pixels: Any = None                 # vae, after materialize: uint8 [h, w, 3] (resized)
+  moments: Any = None                # vae with a latent cache: (mean, logvar) float32 [gh*gw, D]
 
   def describe(self) -> str:
     flags = ''.join(f for f, on in (('L', self.loss), ('C', self.enable_cfg), ('N', self.noised))
@@ -201,9 +166,12 @@ def _check_grid(sample, what, gh, gw, limit, limit_name):
                       f'{what} grid {gh}x{gw} exceeds {limit_name} ({limit})')
 
 
-def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sample
-                ) -> list[PlanItem]:
-  """Fills ids / patches / pixels. Image errors become SampleError with the image's reason."""
+def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sample,
+                latent_cache=None, for_training: bool = True) -> list[PlanItem]:
+  """Fills ids / patches / pixels (or, with a `latent_cache` (data/latent_cache.py), the cached
+  moments of every VAE image instead of its pixels: the image is then not decoded at all).
+  Image errors become SampleError with the image's reason. for_training: a VAE image must have
+  a slot in the pack's size buckets (inference encodes any size)."""
   from unimedvl_jax.data import images as imlib   # Data A's module
   cache: dict[ImageRef, np.ndarray] = {}
 
@@ -230,19 +198,25 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
       h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vit_max_size,
                                  min_size=geom.vit_min_size, stride=geom.vit_patch,
                                  max_pixels=geom.vit_max_pixels)
-      x = imlib.to_unit_range(imlib.resize(img, (h2, w2)))
-      patches, nh, nw = imlib.vit_patchify(x, geom.vit_patch)
+      patches, nh, nw = imlib.vit_patchify(imlib.resize(img, (h2, w2)), geom.vit_patch)
       _check_grid(sample, 'ViT patch', nh, nw, geom.vit_grid, 'model.vit.grid_size')
-      it.patches, it.grid = np.asarray(patches, np.float32), (int(nh), int(nw))
+      it.patches, it.grid = np.asarray(patches, np.uint8), (int(nh), int(nw))
     elif it.kind == 'vae':
-      img = load(it.image)
-      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vae_max_size,
-                                 min_size=geom.vae_min_size, stride=geom.latent_px)
-      x = np.asarray(imlib.to_unit_range(imlib.resize(img, (h2, w2))), np.float32)
+      if latent_cache is not None:
+        it.moments, (h2, w2) = latent_cache.lookup(it.image, sample)
+      else:
+        img = load(it.image)
+        h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vae_max_size,
+                                   min_size=geom.vae_min_size, stride=geom.latent_px)
+        if for_training and geom.bucket_index(h2, w2) is None:
+          raise SampleError('vae_size', sample.file, sample.line,
+                            f'{it.image.path}: VAE size {h2}x{w2} has no slot in '
+                            f'data.vae_buckets {[b[:2] for b in geom.vae_buckets]} (add a bucket, '
+                            'or train from a latent cache: data.latent_cache)')
+        it.pixels = imlib.resize(img, (h2, w2))
       gh, gw = h2 // geom.latent_px, w2 // geom.latent_px
-      _check_grid(sample, 'VAE latent', gh, gw, min(geom.max_latent_size, geom.buf_grid),
-                  'model.max_latent_size / data.vae_buffer_size')
-      it.pixels, it.grid = x, (gh, gw)
+      _check_grid(sample, 'VAE latent', gh, gw, geom.max_latent_size, 'model.max_latent_size')
+      it.grid = (gh, gw)
     else:
       raise ValueError(f'unknown item kind {it.kind!r}')
     out.append(it)
@@ -251,6 +225,16 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
 
 # ----------------------------------------------------------------------------------------------
 # 3. tokens
+
+
+class VaeEntry(NamedTuple):
+  """One VAE item of a TokenSample: its pixels (or cached moments) and where its tokens go."""
+  pixels: Any                # uint8 [h, w, 3], or None with a latent cache
+  moments: Any               # (mean, logvar) float32 [k, D] from the latent cache, or None
+  noised: bool
+  tok: np.ndarray            # token offsets [k] in the sample
+  lpos: np.ndarray           # latent position ids [k] (row * max_latent_size + col)
+  size: tuple                # (h, w) pixels
 
 
 @dataclasses.dataclass
@@ -263,11 +247,9 @@ class TokenSample:
   token_type: np.ndarray
   label_ids: np.ndarray
   loss_mask: np.ndarray      # float32
-  # per ViT item: (patches [m, K] f32, pos_ids [m], token offsets [m])
+  # per ViT item: (patches [m, K] uint8, pos_ids [m], token offsets [m])
   vit: list = dataclasses.field(default_factory=list)
-  # per VAE item: (pixels [h, w, 3] f32, noised, token offsets [k], latent_patch [k],
-  #                latent_pos [k])
-  vae: list = dataclasses.field(default_factory=list)
+  vae: list = dataclasses.field(default_factory=list)   # VaeEntry per VAE item
   loc: str = ''
   group: str = ''
 
@@ -277,11 +259,15 @@ class TokenSample:
 
   @property
   def n_lat(self) -> int:
-    return int(sum(v[2].shape[0] for v in self.vae))
+    return int(sum(v.tok.shape[0] for v in self.vae))
 
   @property
   def n_und(self) -> int:
     return self.n_tokens - self.n_lat
+
+  @property
+  def n_labels(self) -> int:
+    return int(np.count_nonzero(self.loss_mask))
 
   @property
   def n_patches(self) -> int:
@@ -295,6 +281,16 @@ class TokenSample:
   def n_splits(self) -> int:
     return int(self.split.max()) + 1 if self.n_tokens else 0
 
+  def bucket_counts(self, geom: Geometry) -> dict[int, int]:
+    """VAE pixel slots this sample needs per bucket index (empty with a latent cache)."""
+    out: dict[int, int] = {}
+    if geom.latent_cache:
+      return out
+    for v in self.vae:
+      j = geom.bucket_index(*v.size)
+      out[j] = out.get(j, 0) + 1
+    return out
+
   def budget_problem(self, geom: Geometry) -> str | None:
     """Why this sample can never be packed (None if it fits an empty pack)."""
     if self.n_tokens == 0:
@@ -303,11 +299,19 @@ class TokenSample:
               (self.n_tokens, geom.T, 'tokens > data.seq_len'),
               (self.n_und, geom.U, 'understanding tokens > seq_len - max_latent_tokens'),
               (self.n_lat, geom.L, 'latent tokens > data.max_latent_tokens'),
+              (self.n_labels, geom.labels, 'CE targets > data.max_label_tokens'),
               (self.n_patches, geom.P, 'ViT patches > data.max_vit_patches'),
               (self.n_vae, geom.N, 'VAE images > data.max_vae_images'))
     for have, cap, what in checks:
       if have > cap:
         return f'{have} {what} ({cap})'
+    buckets = geom.vae_buckets
+    for j, n in self.bucket_counts(geom).items():
+      if j is None:
+        return 'a VAE image size has no bucket in data.vae_buckets'
+      if n > buckets[j][2]:
+        h, w, cap = buckets[j]
+        return f'{n} VAE images of {h}x{w} > the {cap} slots of its data.vae_buckets entry'
     return None
 
 
@@ -351,13 +355,14 @@ def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
       r, c = np.divmod(np.arange(k, dtype=np.int32), gw)
       if it.kind == 'vit':
         mode = MODE_FULL
-        vit.append((np.asarray(it.patches, np.float32).reshape(k, geom.K),
+        vit.append((np.asarray(it.patches, np.uint8).reshape(k, geom.K),
                     (r * geom.vit_grid + c).astype(np.int32), offs))
       else:
         mode = MODE_NOISE if it.noised else MODE_FULL
-        vae.append((np.asarray(it.pixels, np.float32), bool(it.noised), offs,
-                    (r * geom.buf_grid + c).astype(np.int32),
-                    (r * geom.max_latent_size + c).astype(np.int32)))
+        size = (gh * geom.latent_px, gw * geom.latent_px)
+        vae.append(VaeEntry(None if it.pixels is None else np.asarray(it.pixels, np.uint8),
+                            it.moments, bool(it.noised), offs,
+                            (r * geom.max_latent_size + c).astype(np.int32), size))
       segs.append((ids, mode, tt, np.full(m, counter, np.int32), np.zeros(m, np.int32),
                    np.zeros(m, np.float32)))
       if not (it.kind == 'vae' and it.noised):

@@ -59,6 +59,19 @@ class Tokenizer:
             f'vision_end={self.vision_end}, pad_id={self.pad_id})')
 
 
+def _encode_error(path: str, text, e: Exception) -> TokenizerError:
+  """A clear TokenizerError for a text the tokenizer cannot encode (lone surrogates, non-str)."""
+  if not isinstance(text, str):
+    why = f'expected a str, got {type(text).__name__}'
+  else:
+    try:
+      text.encode('utf-8')
+      why = f'{type(e).__name__}: {str(e)[:200]}'
+    except UnicodeEncodeError as u:
+      why = f'not valid Unicode ({u.reason} {text[u.start:u.end]!r} at character {u.start})'
+  return TokenizerError(f'tokenizer {path} cannot encode the text {str(text)[:60]!r}: {why}')
+
+
 def _check_file(path: str, what: str) -> None:
   if not path:
     raise TokenizerError(f'{what}: no path given')
@@ -101,7 +114,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._skip.add(i)
 
   def encode(self, text: str) -> list[int]:
-    return list(self._sp.encode(text, out_type=int))
+    try:
+      return list(self._sp.encode(text, out_type=int))
+    except Exception as e:  # noqa: BLE001  (pybind11 cast errors are RuntimeErrors)
+      raise _encode_error(self.path, text, e) from None
 
   def decode(self, ids: Sequence[int]) -> str:
     n = self._sp.get_piece_size()
@@ -148,7 +164,10 @@ class HFTokenizer(Tokenizer):
     self._skip = set(self.special_ids)
 
   def encode(self, text: str) -> list[int]:
-    return list(self._tok.encode(text, add_special_tokens=False).ids)
+    try:
+      return list(self._tok.encode(text, add_special_tokens=False).ids)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises TypeError / Rust exceptions)
+      raise _encode_error(self.path, text, e) from None
 
   def decode(self, ids: Sequence[int]) -> str:
     keep = [int(i) for i in ids if int(i) not in self._skip]

@@ -1,10 +1,14 @@
 """Inference: KV-cache contexts, text decoding, the flow sampler with CFG, tasks and the CLI.
 
-    context.py   Context (batched KV cache + packed-sequence metadata), BlockBuilder, add_text,
-                 add_image, prefill, run_block, concat_contexts / take_rows (CFG contexts)
-    text.py      generate_text (jitted while-loop decode; greedy / temperature + top-p)
-    image.py     generate_latents / generate_images (Euler flow sampler, three-context CFG,
-                 renorm global / channel / text_channel), decode_latents, cfg_combine
+    context.py   prepare (the model split once, per-layer decoder modules, optionally placed on
+                 a mesh), Context (batched per-layer KV cache + packed-sequence metadata),
+                 BlockBuilder, add_text, add_image, prefill, run_block, concat_contexts /
+                 take_rows (CFG contexts)
+    text.py      generate_text (jitted while-loop decode; greedy without sampling ops /
+                 temperature + top-p)
+    image.py     generate_latents / generate_images (Euler flow sampler, three-context CFG batched
+                 into one model call per step, renorm global / channel / text_channel),
+                 step_velocity, decode_latents, cfg_combine
     runner.py    Program / Runner / run_programs: prompt items + generation steps, batched
     tasks.py     vqa, report, image_to_text, text_to_image (think mode), edit (segmentation,
                  super-resolution, modality translation, staining, counterfactual)

@@ -8,7 +8,8 @@
         --out mask.png [--prompt "Please segment the lesion."]
 
 Images: PNG / JPEG / DICOM / NIfTI (unimedvl_jax.data.images.load_image; --frame, --slice,
---window for multi-frame DICOM, volumes and CT windows). Outputs: PNG for images (with a JSON
+--window for multi-frame DICOM, volumes and CT windows). --mesh data=D,tensor=T runs sharded
+on D*T devices (weights by the sharding rules, the KV caches over data and tensor). Outputs: PNG for images (with a JSON
 sidecar `OUT.json` holding the settings and any generated text), text or JSON (by --out's
 extension) for answers and reports; without --out the text is printed. Errors (unreadable input,
 an image too large, a checkpoint whose config does not match --config) exit with status 2 and a
@@ -55,6 +56,8 @@ def define_flags():
   flags.DEFINE_integer('slice', None, 'axial slice of a NIfTI volume')
   flags.DEFINE_string('window', None, 'CT window: a preset name or "center,width"')
   flags.DEFINE_integer('max-input-pixels', 64 * 1024 * 1024, 'refuse larger input images')
+  flags.DEFINE_string('mesh', None, 'run sharded on a device mesh, e.g. "data=2,tensor=4" '
+                      '(axes data, fsdp, tensor; one may be -1); default one device')
   for name in ('num-steps', 'cfg-text', 'cfg-img', 'cfg-interval', 'renorm-min', 'timestep-shift',
                'max-new-tokens', 'top-p', 'max-input-pixels'):
     flags.DEFINE_alias(name.replace('-', '_'), name)
@@ -97,6 +100,20 @@ def _size(s):
   return h, w
 
 
+def parse_mesh(s):
+  """'data=2,tensor=4' -> the ('data', 'fsdp', 'tensor') mesh over this process's devices."""
+  from ml_collections import ConfigDict
+  from unimedvl_jax import sharding
+  axes = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  for part in s.split(','):
+    k, _, v = part.partition('=')
+    k = k.strip()
+    if k not in axes or not v.strip().lstrip('-').isdigit():
+      raise InputError(f'--mesh must be like data=2,tensor=4 (axes data, fsdp, tensor), got {s!r}')
+    axes[k] = int(v)
+  return sharding.make_mesh(ConfigDict(axes))
+
+
 def flow_settings(mode, *, num_steps=None, cfg_text=None, cfg_img=None, cfg_interval=None,
                   renorm=None, renorm_min=None, shift=None):
   from unimedvl_jax.infer import image as I
@@ -115,7 +132,7 @@ def flow_settings(mode, *, num_steps=None, cfg_text=None, cfg_img=None, cfg_inte
 def run(mode, checkpoint, *, image=None, question=None, prompt=None, task='editing', size=None,
         out=None, seed=0, think=False, max_new_tokens=None, temperature=0.0, top_p=1.0,
         config=None, tokenizer=None, use_ema=True, frame=None, slice_index=None, window=None,
-        max_input_pixels=64 * 1024 * 1024, **flow_kw) -> dict:
+        max_input_pixels=64 * 1024 * 1024, mesh=None, **flow_kw) -> dict:
   """The CLI as a function. Returns the result dict (also written to `out`)."""
   from unimedvl_jax.infer import tasks
   from unimedvl_jax.infer import text as T
@@ -133,6 +150,8 @@ def run(mode, checkpoint, *, image=None, question=None, prompt=None, task='editi
                      max_pixels=max_input_pixels)
   hw = _size(size)
   cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema)
+  from unimedvl_jax.infer.context import prepare
+  model = prepare(model, parse_mesh(mesh) if mesh else None)   # split once, for every request
   tok = load_tokenizer(cfg, tokenizer)
   budget = {'vqa': 32, 'report': 256}.get(mode, 256)
   ts = T.TextSettings(max_new_tokens=max_new_tokens or budget, temperature=temperature,
@@ -194,7 +213,7 @@ def main(argv):
               temperature=FLAGS.temperature, top_p=FLAGS['top-p'].value, config=FLAGS.config,
               tokenizer=FLAGS.tokenizer, use_ema=FLAGS.ema, frame=FLAGS.frame,
               slice_index=FLAGS.slice, window=FLAGS.window,
-              max_input_pixels=FLAGS['max-input-pixels'].value,
+              max_input_pixels=FLAGS['max-input-pixels'].value, mesh=FLAGS.mesh,
               num_steps=FLAGS['num-steps'].value, cfg_text=FLAGS['cfg-text'].value,
               cfg_img=FLAGS['cfg-img'].value, cfg_interval=FLAGS['cfg-interval'].value,
               renorm=FLAGS.renorm, renorm_min=FLAGS['renorm-min'].value,

@@ -2,7 +2,9 @@
 
 A `Context` is a pytree holding, for B independent conversations (rows):
 
-    k, v        [layers, B, C, Hkv, D]   keys / values of every cached token (C = capacity, static)
+    k, v        tuples of `layers` arrays [B, Hkv, C, D]: keys / values of every cached token
+                (C = capacity, static), one buffer per layer in the layout attention reads (the
+                contraction axes of q.k and p.v are the trailing ones: no transposed copy)
     seg         [B, C] int32             1 for a filled slot, 0 for an empty one
     split       [B, C] int32             item (split) index of the slot's token
     mode        [B, C] int32             0 causal (text), 1 full (ViT / clean VAE image)
@@ -23,6 +25,20 @@ counter; a row with no valid token in a block is untouched.
 
 Contexts are immutable pytrees: "copying" one for classifier-free guidance (the "cfg_text" /
 "cfg_img" contexts of SPEC 7) is keeping a reference to it.
+
+Every operation takes the model as an nnx module or as a `Prepared` model (`prepare(model)`,
+done once per loaded checkpoint: the Runner does it). Preparing splits the module once
+(`nnx.split` costs ~10 ms of host time per call) and cuts the decoder's stacked layers into one
+module per layer (one copy of the decoder weights, made once), so the jitted inference
+functions run the layers unrolled and read each layer's weights and cache buffer in place: a
+scan over stacked layers re-slices (copies) every layer's weights and cache for every token on
+CPU. A plain module is prepared on every call (correct, only slower).
+
+Sharded inference: `prepare(model, mesh)` places the weights on a mesh ('data', 'fsdp',
+'tensor'; sharding.py's logical rules) and every context made from it (`new_context`) with its
+rows over the batch axes and its kv heads over 'tensor' (axes that do not divide a dimension are
+dropped, as for training). The jitted functions are traced with the mesh active, so the model's
+activation constraints and the cache layout constraints apply; XLA partitions the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimedvl_jax import sharding
 from unimedvl_jax.data.plans import Specials  # the four marker ids, shared with training
 from unimedvl_jax.model import attention as attn_lib
 from unimedvl_jax.model.attention import MODE_CAUSAL, MODE_FULL, MODE_NOISE
@@ -53,8 +70,8 @@ class ContextError(ValueError):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Context:
-  k: jax.Array
-  v: jax.Array
+  k: tuple      # per layer [B, Hkv, C, D]
+  v: tuple
   seg: jax.Array
   split: jax.Array
   mode: jax.Array
@@ -77,31 +94,79 @@ class Context:
     return np.asarray(jax.device_get(self.pos))
 
 
+def layer_count(model) -> int:
+  """Decoder layers of a stacked module or a prepared one."""
+  layers = model.decoder.layers
+  if isinstance(layers, nnx.List):
+    return len(layers)
+  return int(layers.und.k_proj.kernel.shape[0])
+
+
+def _kv_heads(model) -> int:
+  layers = model.decoder.layers
+  return int((layers[0] if isinstance(layers, nnx.List) else layers).und.num_kv_heads)
+
+
 def new_context(model, batch_size: int, capacity: int, dtype=None) -> Context:
-  """An empty context for `batch_size` rows of `capacity` token slots each."""
-  layers = model.decoder.layers.und.k_proj.kernel
-  n_layers = int(layers.shape[0])
-  hkv = model.decoder.layers.und.num_kv_heads
-  d = model.head_dim
+  """An empty context for `batch_size` rows of `capacity` token slots each (placed on the mesh
+  of a model prepared with one)."""
+  n_layers = layer_count(model)
   dtype = model.dtype if dtype is None else dtype
-  kv = jnp.zeros((n_layers, batch_size, capacity, hkv, d), dtype)
+  kv = jnp.zeros((batch_size, _kv_heads(model), capacity, model.head_dim), dtype)
   zi = jnp.zeros((batch_size, capacity), jnp.int32)
   zb = jnp.zeros((batch_size,), jnp.int32)
-  return Context(kv, kv, zi, zi, zi, zb, zb, zb)
+  ctx = Context((kv,) * n_layers, (kv,) * n_layers, zi, zi, zi, zb, zb, zb)
+  mesh = model.mesh if isinstance(model, Prepared) else None
+  return ctx if mesh is None else place_context(ctx, mesh)
+
+
+# logical axes of the context's arrays (unimedvl_jax.sharding.RULES)
+KV_AXES = ('batch', 'act_heads', 'length', None)      # [B, Hkv, C, D]
+META_AXES = ('batch', 'length')                       # [B, C]
+ROW_AXES = ('batch',)                                 # [B]
+
+
+def context_shardings(ctx: Context, mesh) -> Context:
+  """The NamedShardings of a context's arrays on `mesh` (same pytree structure)."""
+  spec = lambda a, axes: jax.sharding.NamedSharding(
+      mesh, sharding.logical_to_spec(axes, a.shape, mesh))
+  return Context(k=tuple(spec(a, KV_AXES) for a in ctx.k),
+                 v=tuple(spec(a, KV_AXES) for a in ctx.v),
+                 seg=spec(ctx.seg, META_AXES), split=spec(ctx.split, META_AXES),
+                 mode=spec(ctx.mode, META_AXES), length=spec(ctx.length, ROW_AXES),
+                 pos=spec(ctx.pos, ROW_AXES), num_splits=spec(ctx.num_splits, ROW_AXES))
+
+
+def place_context(ctx: Context, mesh) -> Context:
+  """The context's arrays on `mesh` (rows over the batch axes, kv heads over 'tensor')."""
+  return jax.device_put(ctx, context_shardings(ctx, mesh))
+
+
+def _constrain_context(ctx: Context) -> Context:
+  """Keeps a context computed inside a jitted function in its mesh layout (no-op without an
+  active mesh, see sharding.use_mesh)."""
+  if sharding.active_mesh() is None:
+    return ctx
+  sh = lambda a, axes: sharding.shard(a, axes)
+  return Context(k=tuple(sh(a, KV_AXES) for a in ctx.k), v=tuple(sh(a, KV_AXES) for a in ctx.v),
+                 seg=sh(ctx.seg, META_AXES), split=sh(ctx.split, META_AXES),
+                 mode=sh(ctx.mode, META_AXES), length=sh(ctx.length, ROW_AXES),
+                 pos=sh(ctx.pos, ROW_AXES), num_splits=sh(ctx.num_splits, ROW_AXES))
 
 
 def concat_contexts(ctxs: Sequence[Context]) -> Context:
-  """Rows of several contexts (same capacity) as one batched context."""
+  """Rows of several contexts (same capacity) as one batched context (every leaf has the rows
+  on its leading axis)."""
   caps = {c.capacity for c in ctxs}
   if len(caps) != 1:
     ctxs = [pad_capacity(c, max(caps)) for c in ctxs]
-  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=1 if a[0].ndim == 5 else 0), *ctxs)
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *ctxs)
 
 
 def take_rows(ctx: Context, rows) -> Context:
   """The sub-context of the given row indices."""
   rows = jnp.asarray(rows, jnp.int32)
-  return jax.tree.map(lambda a: jnp.take(a, rows, axis=1 if a.ndim == 5 else 0), ctx)
+  return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), ctx)
 
 
 def pad_capacity(ctx: Context, capacity: int) -> Context:
@@ -111,10 +176,109 @@ def pad_capacity(ctx: Context, capacity: int) -> Context:
     raise ContextError(f'cannot shrink a context of capacity {ctx.capacity} to {capacity}')
   if extra == 0:
     return ctx
-  pad5 = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
+  pad4 = lambda kv: tuple(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))) for a in kv)
   pad2 = lambda a: jnp.pad(a, ((0, 0), (0, extra)))
-  return dataclasses.replace(ctx, k=pad5(ctx.k), v=pad5(ctx.v), seg=pad2(ctx.seg),
+  return dataclasses.replace(ctx, k=pad4(ctx.k), v=pad4(ctx.v), seg=pad2(ctx.seg),
                              split=pad2(ctx.split), mode=pad2(ctx.mode))
+
+
+# ------------------------------------------------------------------------ the prepared model
+
+class Prepared:
+  """A model split once for inference: `module` (the decoder's stacked layers cut into an
+  `nnx.List` of per-layer modules), its `graphdef` and `state` (what the jitted functions take).
+
+  Attribute access falls through to the module (`prepared.has_vae`, `prepared.decoder`, ...),
+  so a Prepared is accepted wherever the infer functions take a model. It is a snapshot: the
+  layer weights are a copy, made once; after changing the original module's weights, prepare
+  it again.
+  """
+
+  def __init__(self, module, mesh=None):
+    self.module = module
+    self.mesh = mesh
+    self.graphdef, self.state = nnx.split(module)
+    self.static = StaticGraph(self.graphdef)
+    if mesh is not None:
+      self.state = jax.device_put(self.state, sharding.state_shardings(self.state, mesh))
+      nnx.update(module, self.state)
+
+  def scope(self):
+    """The mesh active while tracing (activation constraints); a no-op without a mesh."""
+    return sharding.use_mesh(self.mesh)
+
+  def __getattr__(self, name):
+    if name.startswith('__') or name == 'module':
+      raise AttributeError(name)
+    return getattr(self.__dict__['module'], name)
+
+
+class StaticGraph:
+  """A graphdef as a static jit argument whose hash is computed once: jit hashes its static
+  arguments on every call, and hashing the graphdef of the whole model costs tens of ms of host
+  time per call (more than decoding 32 tokens of the tiny model)."""
+
+  __slots__ = ('graphdef', '_hash')
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+    self._hash = hash(graphdef)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
+                             and self.graphdef == other.graphdef)
+
+
+def merge(graph, state):
+  """nnx.merge of a graphdef or a StaticGraph (inside the jitted functions)."""
+  return nnx.merge(graph.graphdef if isinstance(graph, StaticGraph) else graph, state)
+
+
+@jax.jit
+def _unstack_jit(state):
+  n = jax.tree.leaves(state)[0].shape[0]
+  return tuple(jax.tree.map(lambda a: a[i], state) for i in range(n))
+
+
+def _drop_layers_axis(module) -> None:
+  """Per-layer variables cut from a stack keep the stack's logical names; drop the leading
+  'layers' name so their sharding (unimedvl_jax.sharding) matches their shape."""
+  for _, v in nnx.iter_graph(module):
+    if not isinstance(v, nnx.Variable):
+      continue
+    names = v.get_metadata().get('out_sharding')
+    if names and len(names) == v.ndim + 1 and names[0] == 'layers':
+      v.set_metadata('out_sharding', tuple(names[1:]))
+
+
+def prepare(model, mesh=None) -> Prepared:
+  """The model prepared for inference (see the module doc), its weights placed on `mesh` when
+  one is given. A Prepared is returned as is (mesh None or its own mesh). Works on an abstract
+  module (nnx.eval_shape) too: then the state holds ShapeDtypeStructs (AOT planning)."""
+  if isinstance(model, Prepared):
+    if mesh is None or mesh is model.mesh:
+      return model
+    return Prepared(model.module, mesh)
+  if isinstance(model.decoder.layers, nnx.List):
+    return Prepared(model, mesh)
+  graphdef, state = nnx.split(model)
+  module = nnx.merge(graphdef, state)          # new module objects; the weights are shared
+  lgd, lstate = nnx.split(module.decoder.layers)
+  abstract = isinstance(jax.tree.leaves(lstate)[0], jax.ShapeDtypeStruct)
+  per_layer = (jax.eval_shape(_unstack_jit, lstate) if abstract else _unstack_jit(lstate))
+  layers = [nnx.merge(lgd, s) for s in per_layer]
+  for layer in layers:
+    _drop_layers_axis(layer)
+  module.decoder.layers = nnx.List(layers)
+  return Prepared(module, None if abstract else mesh)
+
+
+def module_of(model):
+  """The nnx module of a model or a Prepared."""
+  return model.module if isinstance(model, Prepared) else model
 
 
 # ------------------------------------------------------------------------------------- blocks
@@ -344,29 +508,39 @@ class BlockBuilder:
 def cached_attention(q, k_cache, v_cache, k_new, v_new, mask_cache, mask_new):
   """Softmax attention of new queries over cached + new keys (one joint softmax, float32, GQA).
 
-  q [B, n, Hq, D]; k/v_cache [B, C, Hkv, D]; k/v_new [B, n, Hkv, D]; masks bool [B, n, C] and
-  [B, n, n]. Rows with no allowed key return zeros (like `masked_attention`).
+  q [B, n, Hq, D]; k/v_cache [B, Hkv, C, D] (the cache layout); k/v_new [B, n, Hkv, D] or None
+  (the new keys are already in the cache); masks bool [B, n, C] and [B, n, n]. Rows with no
+  allowed key return zeros (like `masked_attention`).
+
+  Written as dot_generals in the canonical [batch, rows, contracted] x [batch, cols, contracted]
+  and [batch, rows, contracted] x [batch, contracted, cols] forms, queries grouped per kv head as
+  [B, Hkv, G*n, D] (row g*n + i = query i of group g): XLA then reads the cache buffers as they
+  are (an einsum over [B, n, Hkv, G, D] queries made XLA:CPU copy a transposed K or V cache per
+  layer per call).
   """
   B, n, Hq, D = q.shape
-  Hkv = k_new.shape[2]
+  Hkv = k_cache.shape[1]
   G = Hq // Hkv
   f32 = jnp.float32
-  qg = q.reshape(B, n, Hkv, G, D).astype(f32) * (D ** -0.5)
-  lc = jnp.einsum('bqhgd,bkhd->bhgqk', qg, k_cache.astype(f32))
-  ln = jnp.einsum('bqhgd,bkhd->bhgqk', qg, k_new.astype(f32))
-  mc = mask_cache[:, None, None]
-  mn = mask_new[:, None, None]
-  lc = jnp.where(mc, lc, -jnp.inf)
-  ln = jnp.where(mn, ln, -jnp.inf)
-  mx = jnp.maximum(jnp.max(lc, -1, keepdims=True), jnp.max(ln, -1, keepdims=True))
+  qg = (q.reshape(B, n, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * n, D)
+        .astype(f32) * (D ** -0.5))
+  pieces = [(k_cache, v_cache, mask_cache)]
+  if k_new is not None:
+    pieces.append((k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), mask_new))
+  qk = (((3,), (3,)), ((0, 1), (0, 1)))                                 # contract D
+  pv = (((3,), (2,)), ((0, 1), (0, 1)))                                 # contract keys
+  logits, masks = [], []
+  for k, _, m in pieces:
+    m = jnp.tile(m, (1, G, 1))[:, None]                                 # [B, 1, G*n, keys]
+    logits.append(jnp.where(m, jax.lax.dot_general(qg, k.astype(f32), qk), -jnp.inf))
+    masks.append(m)
+  mx = functools.reduce(jnp.maximum, [jnp.max(l, -1, keepdims=True) for l in logits])
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  pc = jnp.where(mc, jnp.exp(lc - mx), 0.0)
-  pn = jnp.where(mn, jnp.exp(ln - mx), 0.0)
-  den = jnp.sum(pc, -1, keepdims=True) + jnp.sum(pn, -1, keepdims=True)
+  probs = [jnp.where(m, jnp.exp(l - mx), 0.0) for l, m in zip(logits, masks)]
+  den = sum(jnp.sum(p, -1, keepdims=True) for p in probs)
   den = jnp.where(den > 0, den, 1.0)
-  out = (jnp.einsum('bhgqk,bkhd->bqhgd', pc, v_cache.astype(f32))
-         + jnp.einsum('bhgqk,bkhd->bqhgd', pn, v_new.astype(f32)))
-  out = out / jnp.moveaxis(den, (1, 2, 3), (2, 3, 1))
+  out = sum(jax.lax.dot_general(p, v.astype(f32), pv) for p, (_, v, _) in zip(probs, pieces))
+  out = (out / den).reshape(B, Hkv, G, n, D).transpose(0, 3, 1, 2, 4)   # [B, n, Hkv, G, D]
   return out.reshape(B, n, Hq, D).astype(q.dtype)
 
 
@@ -380,8 +554,10 @@ def _inverse_perm(perm):
   return jax.vmap(lambda p: jnp.zeros((n,), perm.dtype).at[p].set(ar))(perm)
 
 
-def block_masks(ctx: Context, blk: Block):
-  """(mask over the cache [B, n, C], mask over the new keys [B, n, n]) from `allowed`."""
+def block_masks(ctx: Context, blk: Block, meta=None):
+  """(mask over the cache [B, n, C], mask over the new keys [B, n, n]) from `allowed`.
+  meta: (seg, split, mode) [B, C] of the cache to use instead of the context's own (the cache
+  with the block already written into it)."""
   n = blk.valid.shape[1]
   C = ctx.capacity
   q_seg = blk.valid
@@ -391,8 +567,9 @@ def block_masks(ctx: Context, blk: Block):
   q = lambda a: a[:, :, None]
   k = lambda a: a[:, None, :]
   c_idx = jnp.arange(C, dtype=jnp.int32)[None]
+  seg, split, mode = (ctx.seg, ctx.split, ctx.mode) if meta is None else meta
   mask_c = attn_lib.allowed(q(q_seg), q(q_split), q(q_mode), q(q_idx),
-                            k(ctx.seg), k(ctx.split), k(ctx.mode), k(c_idx))
+                            k(seg), k(split), k(mode), k(c_idx))
   mask_n = attn_lib.allowed(q(q_seg), q(q_split), q(q_mode), q(q_idx),
                             k(q_seg), k(q_split), k(q_mode), k(q_idx))
   return mask_c, mask_n
@@ -419,6 +596,11 @@ def forward_block(model, ctx: Context, blk: Block, *, write: bool = True, x_g=No
   Returns (new context, h_u [B, nU, H], h_g [B, nG, H]) with the experts' final norms applied.
   With write=False the context is returned unchanged (noise blocks of the flow sampler).
   `x_g` overrides the generation-stream embeddings (the sampler embeds x_t itself).
+
+  `model`: a module with per-layer decoder layers (`prepare`: each layer reads its own cache
+  buffer) or with stacked ones (the cache is then stacked for the scan: a copy per call). The
+  block attends over cache + its own keys; its keys / values are written afterwards (reading the
+  old buffer before the update lets XLA update it in place, see `CPU_COMPILER_OPTIONS`).
   """
   x_u, x_g0 = embed_block(model, blk)
   x_g = x_g0 if x_g is None else x_g
@@ -426,40 +608,69 @@ def forward_block(model, ctx: Context, blk: Block, *, write: bool = True, x_g=No
   positions = ctx.pos[:, None] + blk.pos_off
   rope_u = model.rope(_rows_take(positions, blk.und_seq))
   rope_g = model.rope(_rows_take(positions, blk.gen_seq))
-  perm = jnp.concatenate([blk.und_seq, blk.gen_seq], axis=1)
-  inv = _inverse_perm(perm)
+  if blk.gen_seq.shape[1] == 0:
+    # no generation-stream tokens: the und stream is the sequence order (und_seq = 0..n-1, as
+    # BlockBuilder and text.token_block build it), no permutation needed
+    perm = inv = None
+  else:
+    perm = jnp.concatenate([blk.und_seq, blk.gen_seq], axis=1)
+    inv = _inverse_perm(perm)
   mask_c, mask_n = block_masks(ctx, blk)
 
   def attend(qkv_u, qkv_g, kv):
     kc, vc = kv
-    to_seq = lambda a, b: _rows_take(jnp.concatenate([a, b], axis=1), inv)
-    q, k, v = (to_seq(a, b) for a, b in zip(qkv_u, qkv_g))
+    if perm is None:
+      q, k, v = qkv_u
+    else:
+      to_seq = lambda a, b: _rows_take(jnp.concatenate([a, b], axis=1), inv)
+      q, k, v = (to_seq(a, b) for a, b in zip(qkv_u, qkv_g))
     o = cached_attention(q, kc, vc, k, v, mask_c, mask_n)
-    o = _rows_take(o, perm)
+    if perm is not None:
+      o = _rows_take(o, perm)
     new = (k.astype(kc.dtype), v.astype(vc.dtype)) if write else None
     return (o[:, :U], o[:, U:]), new
 
-  h_u, h_g, new_kv = model.decoder(x_u, x_g, rope_u, rope_g, attend, layer_xs=(ctx.k, ctx.v))
+  stacked = not isinstance(model.decoder.layers, nnx.List)
+  if stacked:
+    layer_xs = (jnp.stack(ctx.k), jnp.stack(ctx.v))
+  else:
+    layer_xs = list(zip(ctx.k, ctx.v))
+  h_u, h_g, new_kv = model.decoder(x_u, x_g, rope_u, rope_g, attend, layer_xs=layer_xs)
   if not write:
     return ctx, h_u, h_g
-  return _write(ctx, blk, new_kv), h_u, h_g
+  if stacked:
+    new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(len(ctx.k))]
+  slots = _slots(ctx, blk)
+  k = tuple(_put(kc, kn, slots) for kc, (kn, _) in zip(ctx.k, new_kv))
+  v = tuple(_put(vc, vn, slots) for vc, (_, vn) in zip(ctx.v, new_kv))
+  return _constrain_context(dataclasses.replace(_write_meta(ctx, blk, slots), k=k, v=v)), h_u, h_g
 
 
-def _write(ctx: Context, blk: Block, new_kv) -> Context:
-  """Scatters the valid new tokens (sequence order, the first n_valid of each row) into slots
-  length + i; slots past the capacity are dropped (callers check capacity beforehand)."""
-  C = ctx.capacity
+def _slots(ctx: Context, blk: Block):
+  """(rows, slots) [B, n]: the valid new tokens (sequence order, the first n_valid of each row)
+  go to slots length + i; padding tokens to slot C (dropped). Slots past the capacity are
+  dropped too (callers check capacity beforehand)."""
   n = blk.valid.shape[1]
   ar = jnp.arange(n, dtype=jnp.int32)[None]
-  slot = jnp.where(blk.valid > 0, ctx.length[:, None] + ar, C)          # [B, n]
+  slot = jnp.where(blk.valid > 0, ctx.length[:, None] + ar, ctx.capacity)
   rows = jnp.broadcast_to(jnp.arange(ctx.batch_size, dtype=jnp.int32)[:, None], slot.shape)
-  k_new, v_new = new_kv                                                 # [Ly, B, n, Hkv, D]
-  k = ctx.k.at[:, rows, slot].set(k_new, mode='drop')
-  v = ctx.v.at[:, rows, slot].set(v_new, mode='drop')
+  return rows, slot
+
+
+def _put(buf, new, slots):
+  """Writes new [B, n, Hkv, D] into a cache buffer [B, Hkv, C, D] at the slots."""
+  rows, slot = slots
+  # buf.at[rows, :, slot]: the advanced indices' shape [B, n] comes first, then Hkv, D
+  return buf.at[rows, :, slot].set(new.astype(buf.dtype), mode='drop')
+
+
+def _write_meta(ctx: Context, blk: Block, slots) -> Context:
+  """The context with the block's metadata written and its counters advanced (k, v as given)."""
+  rows, slot = slots
   meta_set = lambda a, val: a.at[rows, slot].set(val, mode='drop')
   split = ctx.num_splits[:, None] + blk.split_off
   return Context(
-      k=k, v=v,
+      k=ctx.k, v=ctx.v,
       seg=meta_set(ctx.seg, jnp.ones_like(slot)),
       split=meta_set(ctx.split, split),
       mode=meta_set(ctx.mode, blk.mode),
@@ -470,16 +681,47 @@ def _write(ctx: Context, blk: Block, new_kv) -> Context:
 
 # ---------------------------------------------------------------------------- jitted wrappers
 
-@functools.partial(jax.jit, static_argnums=(0,))
+# XLA:CPU's default copy insertion copies a loop-carried buffer that is read and then updated
+# inside a while loop (each layer's KV cache, every decoded token, twice); with region analysis
+# it proves the read happens before the update and updates the buffer in place (measured in
+# benchmarks/bench_decode.py). The other backends get their default options.
+CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
+
+
+class BackendJit:
+  """`jax.jit(fun, static_argnums=...)` that compiles with CPU_COMPILER_OPTIONS when the default
+  backend is the CPU. `.plain` is the jitted function without them (AOT lowering for TPU/GPU)."""
+
+  def __init__(self, fun, static_argnums=()):
+    self.fun, self.static_argnums = fun, static_argnums
+    self.plain = jax.jit(fun, static_argnums=static_argnums)
+    self.cpu = jax.jit(fun, static_argnums=static_argnums, compiler_options=CPU_COMPILER_OPTIONS)
+    functools.update_wrapper(self, fun)
+
+  def _pick(self):
+    return self.cpu if jax.default_backend() == 'cpu' else self.plain
+
+  def __call__(self, *args, **kwargs):
+    return self._pick()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._pick().lower(*args, **kwargs)
+
+
+def backend_jit(static_argnums=()):
+  return lambda fun: BackendJit(fun, static_argnums)
+
+
+@backend_jit(static_argnums=(0,))
 def _prefill_jit(graphdef, state, ctx, blk):
-  model = nnx.merge(graphdef, state)
+  model = merge(graphdef, state)
   ctx, _, _ = forward_block(model, ctx, blk, write=True)
   return ctx
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@backend_jit(static_argnums=(0, 4))
 def _forward_jit(graphdef, state, ctx, blk, write):
-  model = nnx.merge(graphdef, state)
+  model = merge(graphdef, state)
   return forward_block(model, ctx, blk, write=write)
 
 
@@ -490,8 +732,9 @@ def run_block(model, ctx: Context, block, *, write: bool = False):
     if write:
       check_capacity(ctx, [len(r.kind) for r in block.rows])
     block = block.build()
-  graphdef, state = nnx.split(model)
-  return _forward_jit(graphdef, state, ctx, block, bool(write))
+  p = prepare(model)
+  with p.scope():
+    return _forward_jit(p.static, p.state, ctx, block, bool(write))
 
 
 def check_capacity(ctx: Context, need) -> None:
@@ -513,8 +756,9 @@ def prefill(model, ctx: Context, builder: BlockBuilder) -> Context:
     return ctx
   check_capacity(ctx, [len(r.kind) for r in builder.rows])
   blk = builder.build()
-  graphdef, state = nnx.split(model)
-  return _prefill_jit(graphdef, state, ctx, blk)
+  p = prepare(model)
+  with p.scope():
+    return _prefill_jit(p.static, p.state, ctx, blk)
 
 
 # --------------------------------------------------------------------- the public operations
@@ -574,31 +818,41 @@ def vit_patches(pixels: np.ndarray, patch: int):
   return p, (nh, nw)
 
 
-def encode_vae_tokens(model, pixels: np.ndarray, *, sample: bool = False, rng=None):
-  """[H, W, 3] float in [-1, 1] (multiples of 16) -> (clean latent tokens [gh*gw, 64], (gh, gw)).
+def encode_vae_tokens(model, pixels: np.ndarray, *, sample: bool = False, rng=None, noise=None):
+  """[H, W, 3] float in [-1, 1] (multiples of 8) -> (clean latent tokens [gh*gw, 64], (gh, gw)).
 
-  The latent mean by default (deterministic conditioning); sample=True samples it like training.
+  The latent mean by default (deterministic conditioning); sample=True samples it like training
+  does, through the same `AutoEncoder.sample_tokens` on the token-layout moments: with the same
+  `noise` ([gh*gw, D] standard normal; drawn from `rng` when None) the tokens equal the training
+  step's latents of this image. A side that is a multiple of 8 but not of 16 gives an odd latent
+  whose last row / column is dropped, as in the reference (gh = H // 16).
   """
   x = np.asarray(pixels, np.float32)
-  px = 8 * model.latent_patch
+  f = int(getattr(model.vae, 'downsample_factor', 8))
+  px = f * model.latent_patch
   H, W = x.shape[:2]
-  if H % px or W % px:
-    raise ContextError(f'VAE image {H}x{W} is not a multiple of {px} pixels')
-  graphdef, state = nnx.split(model)
-  key = jax.random.key(0) if rng is None else rng
-  tok = _vae_encode_jit(graphdef, state, jnp.asarray(x[None]), key, sample)
-  return np.asarray(tok[0]), (H // px, W // px)
+  if H % f or W % f or H < px or W < px:
+    raise ContextError(f'VAE image {H}x{W}: sides must be multiples of {f} pixels and at least '
+                       f'{px}')
+  p = prepare(model)
+  gh, gw = H // px, W // px
+  if sample and noise is None:
+    key = jax.random.key(0) if rng is None else rng
+    noise = jax.random.normal(key, (1, gh * gw, p.latent_dim), jnp.float32)
+  elif noise is not None:
+    noise = jnp.asarray(noise, jnp.float32).reshape(1, gh * gw, -1)
+  with p.scope():
+    tok = _vae_encode_jit(p.static, p.state, jnp.asarray(x[None]), noise)
+  return np.asarray(tok[0]), (gh, gw)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _vae_encode_jit(graphdef, state, x, key, sample):
-  model = nnx.merge(graphdef, state)
-  if sample:
-    z = model.vae.encode(x, key)
-  else:
-    z = model.vae.encode_mean(x)
-  from unimedvl_jax.model.vae import patchify
-  return patchify(z, model.latent_patch).astype(jnp.float32)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _vae_encode_jit(graphdef, state, x, noise):
+  model = merge(graphdef, state)
+  mean, logvar = model.vae.encode_token_moments(x, model.latent_patch)
+  if noise is None:
+    return model.vae.sample_tokens(mean, logvar, jnp.zeros_like(mean))   # the scaled mean
+  return model.vae.sample_tokens(mean, logvar, noise)
 
 
 def add_image(model, ctx: Context, specials: Specials, *, vit=None, vae=None,

@@ -21,8 +21,9 @@ velocity v of the full context is used, which is what scales of 1 give):
 
 Norm ratios use |v| / (|v'| + 1e-8) as in the reference implementation. The text step runs when
 s_text > 1 (with s_text == 1 it is the identity); the image step when s_img > 1. The contexts
-needed are stacked along the batch axis and run as ONE batched model call per step; outside the
-interval only the full context is run (`lax.cond`). The whole loop is one jitted `fori_loop`.
+needed are stacked along the batch axis and run as ONE batched model call per step
+(`cfg_batched=False`: one call per context, for comparison); outside the interval only the full
+context is run (`lax.cond`). The whole loop is one jitted `fori_loop`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.infer.context import (Context, ContextError, Specials, concat_contexts,
-                                        forward_block, make_builder)
+from unimedvl_jax.infer.context import (Context, ContextError, Specials, backend_jit,
+                                        concat_contexts, forward_block, make_builder, merge,
+                                        prepare)
 
 RENORM_TYPES = ('global', 'channel', 'text_channel')
 RENORM_EPS = 1e-8
@@ -122,35 +124,47 @@ def _tile_block(blk, k):
   return jax.tree.map(lambda a: jnp.concatenate([a] * k, axis=0), blk)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _flow_jit(graphdef, state, ctx, big, blk, sched, k: int, settings: FlowSettings):
-  model = nnx.merge(graphdef, state)
-  ts, dts = sched
-  B = ctx.batch_size
-  gen_valid = jax.vmap(lambda a, i: jnp.take(a, i))(blk.valid, blk.gen_seq).astype(jnp.float32)
-  bigblk = _tile_block(blk, k) if k > 1 else blk
-  lo, hi = settings.interval
+def _velocity(model, c, b, x, t):
+  b = dataclasses.replace(b, lat_x=x, lat_t=jnp.full(b.lat_t.shape, t, jnp.float32))
+  _, _, h_g = forward_block(model, c, b, write=False)
+  return model.velocity(h_g)
 
-  def velocity(c, b, x, t):
-    b = dataclasses.replace(b, lat_x=x, lat_t=jnp.full(b.lat_t.shape, t, jnp.float32))
-    _, _, h_g = forward_block(model, c, b, write=False)
-    return model.velocity(h_g)
+
+def _guided(model, ctxs, blk, x, t, settings: FlowSettings, batched: bool, big=None):
+  """The guided velocity [B, n, 64] of one flow step over the contexts (full, [cfg_text],
+  [cfg_img]) in one batched model call (`big`: their rows stacked, concat_contexts) or one call
+  per context."""
+  B = x.shape[0]
+  k = len(ctxs)
+  if batched and k > 1:
+    big = concat_contexts(ctxs) if big is None else big
+    vs = _velocity(model, big, _tile_block(blk, k), jnp.concatenate([x] * k, axis=0), t)
+    vs = [vs[i * B:(i + 1) * B] for i in range(k)]
+  else:
+    vs = [_velocity(model, c, blk, x, t) for c in ctxs]
+  v = vs[0]
+  v_txt = vs[1] if settings.s_text > 1.0 else None
+  v_img = vs[-1] if settings.s_img > 1.0 else None
+  if k == 1:
+    return v
+  gen_valid = jax.vmap(lambda a, i: jnp.take(a, i))(blk.valid, blk.gen_seq).astype(jnp.float32)
+  return cfg_combine(v, v_txt, v_img, gen_valid, s_text=settings.s_text, s_img=settings.s_img,
+                     renorm=settings.renorm, renorm_min=settings.renorm_min)
+
+
+@backend_jit(static_argnums=(0, 5, 6))
+def _flow_jit(graphdef, state, ctxs, blk, sched, settings: FlowSettings, batched: bool):
+  model = merge(graphdef, state)
+  ts, dts = sched
+  k = len(ctxs)
+  lo, hi = settings.interval
+  big = concat_contexts(ctxs) if batched and k > 1 else None    # once, outside the loop
 
   def plain(x, t):
-    return velocity(ctx, blk, x, t)
+    return _velocity(model, ctxs[0], blk, x, t)
 
   def guided(x, t):
-    vs = velocity(big, bigblk, jnp.concatenate([x] * k, axis=0), t)
-    v = vs[:B]
-    i = 1
-    v_txt = v_img = None
-    if settings.s_text > 1.0:
-      v_txt = vs[i * B:(i + 1) * B]
-      i += 1
-    if settings.s_img > 1.0:
-      v_img = vs[i * B:(i + 1) * B]
-    return cfg_combine(v, v_txt, v_img, gen_valid, s_text=settings.s_text, s_img=settings.s_img,
-                       renorm=settings.renorm, renorm_min=settings.renorm_min)
+    return _guided(model, ctxs, blk, x, t, settings, batched, big)
 
   def step(i, x):
     t = ts[i]
@@ -164,22 +178,19 @@ def _flow_jit(graphdef, state, ctx, big, blk, sched, k: int, settings: FlowSetti
   return jax.lax.fori_loop(0, ts.shape[0], step, blk.lat_x)
 
 
+@backend_jit(static_argnums=(0, 6, 7))
+def _step_velocity_jit(graphdef, state, ctxs, blk, x, t, settings: FlowSettings, batched: bool):
+  return _guided(merge(graphdef, state), ctxs, blk, x, t, settings, batched)
+
+
 def initial_noise(seed: int, n_tokens: int, dim: int = 64) -> np.ndarray:
   """The request's starting noise x ~ N(0, I) [n_tokens, dim] from its own seed."""
   return np.asarray(jax.random.normal(jax.random.key(int(seed) % (1 << 31)), (n_tokens, dim),
                                       jnp.float32))
 
 
-def generate_latents(model, ctx: Context, specials: Specials, grids: Sequence, *,
-                     cfg_text_ctx: Context | None = None, cfg_img_ctx: Context | None = None,
-                     settings: FlowSettings = TEXT_TO_IMAGE, seeds: Sequence[int] | int = 0
-                     ) -> list[np.ndarray | None]:
-  """Samples one image per row in latent-token space.
-
-  grids: per row (gh, gw) latent-token grid (16 px per token), or None to skip the row.
-  cfg_text_ctx / cfg_img_ctx: contexts with the same rows (needed when s_text > 1 / s_img > 1).
-  seeds: one per row (an int s means s + row). Returns per row tokens [gh*gw, 64] float32.
-  """
+def _flow_inputs(model, ctx, specials, grids, cfg_text_ctx, cfg_img_ctx, settings, seeds, noise):
+  """(contexts (full, [cfg_text], [cfg_img]), the noise block or None when no row draws)."""
   if not getattr(model, 'has_vae', False):
     raise ContextError('image generation needs the model\'s VAE adapters (model.vae.enabled)')
   B = ctx.batch_size
@@ -190,6 +201,11 @@ def generate_latents(model, ctx: Context, specials: Specials, grids: Sequence, *
     seeds = [int(seeds) + b for b in range(B)]
   if len(seeds) != B:
     raise ContextError(f'{len(seeds)} seeds for a context of {B} rows')
+  if noise is None:
+    noise = [None] * B
+  noise = list(noise)
+  if len(noise) != B:
+    raise ContextError(f'{len(noise)} initial noises for a context of {B} rows')
   ctxs = [ctx]
   if settings.s_text > 1.0:
     if cfg_text_ctx is None:
@@ -210,15 +226,38 @@ def generate_latents(model, ctx: Context, specials: Specials, grids: Sequence, *
     gh, gw = int(g[0]), int(g[1])
     if gh < 1 or gw < 1:
       raise ContextError(f'row {r}: latent grid {g} must be positive')
-    bld.noise_image(r, initial_noise(seeds[r], gh * gw, D), (gh, gw), t=1.0)
-  if bld.empty():
-    return [None] * B
-  blk = bld.build()
-  big = concat_contexts(ctxs) if len(ctxs) > 1 else ctx
+    x0 = initial_noise(seeds[r], gh * gw, D) if noise[r] is None else np.asarray(noise[r],
+                                                                                  np.float32)
+    if x0.shape != (gh * gw, D):
+      raise ContextError(f'row {r}: initial noise has shape {x0.shape}, expected {(gh * gw, D)}')
+    bld.noise_image(r, x0, (gh, gw), t=1.0)
+  return tuple(ctxs), (None if bld.empty() else bld.build())
+
+
+def generate_latents(model, ctx: Context, specials: Specials, grids: Sequence, *,
+                     cfg_text_ctx: Context | None = None, cfg_img_ctx: Context | None = None,
+                     settings: FlowSettings = TEXT_TO_IMAGE, seeds: Sequence[int] | int = 0,
+                     noise: Sequence | None = None, cfg_batched: bool = True
+                     ) -> list[np.ndarray | None]:
+  """Samples one image per row in latent-token space.
+
+  grids: per row (gh, gw) latent-token grid (16 px per token), or None to skip the row.
+  cfg_text_ctx / cfg_img_ctx: contexts with the same rows (needed when s_text > 1 / s_img > 1).
+  seeds: one per row (an int s means s + row). noise: optional per row initial noise
+  [gh*gw, 64] (None entries: drawn from the row's seed, `initial_noise`).
+  cfg_batched: the guidance contexts run as ONE batched model call per step (default), else one
+  call per context (same velocities; benchmarks/bench_cfg.py times both).
+  Returns per row tokens [gh*gw, 64] float32.
+  """
+  ctxs, blk = _flow_inputs(model, ctx, specials, grids, cfg_text_ctx, cfg_img_ctx, settings,
+                           seeds, noise)
+  if blk is None:
+    return [None] * ctx.batch_size
   ts, dts = timesteps(settings.num_steps, settings.shift)
-  graphdef, state = nnx.split(model)
-  x = _flow_jit(graphdef, state, ctx, big, blk, (jnp.asarray(ts), jnp.asarray(dts)), len(ctxs),
-                settings)
+  p = prepare(model)
+  with p.scope():
+    x = _flow_jit(p.static, p.state, ctxs, blk, (jnp.asarray(ts), jnp.asarray(dts)), settings,
+                  bool(cfg_batched))
   x = np.asarray(x)
   out = []
   for r, g in enumerate(grids):
@@ -226,10 +265,30 @@ def generate_latents(model, ctx: Context, specials: Specials, grids: Sequence, *
   return out
 
 
+def step_velocity(model, ctx: Context, specials: Specials, grids: Sequence, x, t: float, *,
+                  cfg_text_ctx: Context | None = None, cfg_img_ctx: Context | None = None,
+                  settings: FlowSettings = TEXT_TO_IMAGE, cfg_batched: bool = True):
+  """The guided velocity of ONE flow step at time t (inside the guidance interval) for latent
+  tokens x: per row [gh*gw, 64] (None for rows without an image). Returns per row [gh*gw, 64].
+  (What each sampler step computes; for tests and benchmarks.)"""
+  B = ctx.batch_size
+  xs = list(x)
+  ctxs, blk = _flow_inputs(model, ctx, specials, grids, cfg_text_ctx, cfg_img_ctx, settings,
+                           0, xs)
+  if blk is None:
+    return [None] * B
+  p = prepare(model)
+  with p.scope():
+    v = np.asarray(_step_velocity_jit(p.static, p.state, ctxs, blk, blk.lat_x, jnp.float32(t),
+                                      settings, bool(cfg_batched)))
+  return [None if g is None else v[r, :int(g[0]) * int(g[1])].copy()
+          for r, g in enumerate(grids)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _decode_jit(graphdef, state, tokens, gh: int, gw: int):
   from unimedvl_jax.model.vae import unpatchify
-  model = nnx.merge(graphdef, state)
+  model = merge(graphdef, state)
   z = unpatchify(tokens, gh, gw, model.latent_patch, model.latent_channels)
   img = model.vae.decode(z)
   return jnp.round((jnp.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
@@ -238,8 +297,10 @@ def _decode_jit(graphdef, state, tokens, gh: int, gw: int):
 def decode_latents(model, tokens: np.ndarray, grid) -> np.ndarray:
   """Latent tokens [gh*gw, 64] -> uint8 image [gh*16, gw*16, 3] (VAE decode, clip to [-1, 1])."""
   gh, gw = int(grid[0]), int(grid[1])
-  graphdef, state = nnx.split(model)
-  return np.asarray(_decode_jit(graphdef, state, jnp.asarray(tokens, jnp.float32)[None], gh, gw)[0])
+  p = prepare(model)
+  with p.scope():
+    img = _decode_jit(p.static, p.state, jnp.asarray(tokens, jnp.float32)[None], gh, gw)
+  return np.asarray(img[0])
 
 
 def generate_images(model, ctx: Context, specials: Specials, sizes: Sequence, **kw

@@ -73,7 +73,8 @@ class Runner:
   """model + tokenizer + config: image preprocessing (the training resize rules) and programs."""
 
   def __init__(self, model, tokenizer, cfg):
-    self.model = model
+    # split once per loaded checkpoint (context.prepare): every call below reuses it
+    self.model = C.prepare(model)
     self.tok = tokenizer
     self.cfg = cfg
     self.specials = C.Specials.from_tokenizer(tokenizer)

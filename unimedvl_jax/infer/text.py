@@ -8,6 +8,10 @@ cache, so after generation the context holds the generated text item
 been prefilled with `add_text` -- "think" mode relies on this. A row that reaches
 `max_new_tokens` content tokens gets `<|im_end|>` forced so its text item is closed.
 Rows are independent: each has its own length, position, stop state and sampling key.
+
+Speed (benchmarks/bench_decode.py): pass a prepared model (`context.prepare`, once per loaded
+checkpoint) so that no call splits the module; when every row decodes greedily the loop takes
+the argmax only (no sort, softmax or random draw: `sample_tokens` is not traced at all).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.infer.context import (Block, Context, Specials, check_capacity,
-                                        forward_block)
+from unimedvl_jax.infer.context import (Block, Context, Specials, backend_jit, check_capacity,
+                                        forward_block, merge, prepare)
 from unimedvl_jax.model.attention import MODE_CAUSAL
 
 
@@ -83,14 +87,15 @@ def token_block(cur, valid, first):
       n_valid=v, pos_adv=v, split_adv=v * first.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9, 10))
-def _decode_jit(graphdef, state, ctx, keys, temperature, top_p, active, im_start, im_end,
-                max_new: int, with_logits: bool):
-  model = nnx.merge(graphdef, state)
+@backend_jit(static_argnums=(0, 9, 10, 11))
+def _decode_jit(graphdef, state, ctx, seeds, temperature, top_p, active, im_start, im_end,
+                max_new: int, with_logits: bool, greedy: bool):
+  model = merge(graphdef, state)
   B = ctx.batch_size
   V = model.lm_head.kernel.shape[-1]
   n_steps = max_new + 2
   drop = max_new + 1
+  keys = None if greedy else jax.vmap(jax.random.key)(seeds)
 
   def cond(s):
     return jnp.any(~s['done']) & (s['step'] < n_steps)
@@ -101,8 +106,11 @@ def _decode_jit(graphdef, state, ctx, keys, temperature, top_p, active, im_start
     blk = token_block(cur, valid, s['step'] == 0)
     ctx2, h_u, _ = forward_block(model, s['ctx'], blk, write=True)
     logits = model.logits(h_u[:, 0])
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s['step']))(keys)
-    nxt = sample_tokens(logits, step_keys, temperature, top_p)
+    if greedy:
+      nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s['step']))(keys)
+      nxt = sample_tokens(logits, step_keys, temperature, top_p)
     nxt = jnp.where(s['count'] >= max_new, im_end, nxt)
     fed_end = cur == im_end
     emit = valid & ~fed_end
@@ -134,31 +142,45 @@ def _row_values(x, B, dtype, name):
   return a
 
 
-def generate_text(model, ctx: Context, specials: Specials, settings: TextSettings = TextSettings(),
-                  *, seeds: Sequence[int] | int = 0, active: Sequence[bool] | None = None,
-                  temperature=None, top_p=None, return_logits: bool = False) -> TextResult:
-  """Generates one text item per active row of `ctx` (see module doc).
-
-  seeds: one per row (or one for all rows; row b then uses seed + b) -- only used when sampling.
-  temperature / top_p: per-row overrides of the settings (scalars or one value per row).
-  """
+def decode_args(ctx: Context, specials: Specials, settings: TextSettings, *,
+                seeds: Sequence[int] | int = 0, active: Sequence[bool] | None = None,
+                temperature=None, top_p=None):
+  """The host-side arguments of the jitted decode loop: (seeds, temperature, top_p, active,
+  im_start, im_end) device arrays, plus (max_new, greedy) for its static arguments."""
   B = ctx.batch_size
   max_new = int(settings.max_new_tokens)
   if max_new < 0:
     raise ValueError(f'max_new_tokens must be >= 0, got {max_new}')
   act = np.ones((B,), bool) if active is None else _row_values(active, B, bool, 'active')
-  check_capacity(ctx, np.where(act, max_new + 2, 0))
   if np.isscalar(seeds):
     seeds = [int(seeds) + b for b in range(B)]
   seeds = _row_values(seeds, B, np.int64, 'seeds')
-  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds % (1 << 31), jnp.uint32))
   temp = _row_values(settings.temperature if temperature is None else temperature, B, np.float32,
                      'temperature')
   tp = _row_values(settings.top_p if top_p is None else top_p, B, np.float32, 'top_p')
-  graphdef, state = nnx.split(model)
-  ctx2, out, count, logits = _decode_jit(
-      graphdef, state, ctx, keys, jnp.asarray(temp), jnp.asarray(tp), jnp.asarray(act),
-      jnp.int32(specials.im_start), jnp.int32(specials.im_end), max_new, bool(return_logits))
+  greedy = bool(np.all(temp[act] <= 0)) if act.any() else True
+  args = (jnp.asarray((seeds % (1 << 31)).astype(np.uint32)), jnp.asarray(temp), jnp.asarray(tp),
+          jnp.asarray(act), jnp.int32(specials.im_start), jnp.int32(specials.im_end))
+  return args, act, max_new, greedy
+
+
+def generate_text(model, ctx: Context, specials: Specials, settings: TextSettings = TextSettings(),
+                  *, seeds: Sequence[int] | int = 0, active: Sequence[bool] | None = None,
+                  temperature=None, top_p=None, return_logits: bool = False) -> TextResult:
+  """Generates one text item per active row of `ctx` (see module doc).
+
+  model: an nnx module or a `context.prepare`d one (faster: no split per call).
+  seeds: one per row (or one for all rows; row b then uses seed + b) -- only used when sampling.
+  temperature / top_p: per-row overrides of the settings (scalars or one value per row).
+  """
+  B = ctx.batch_size
+  args, act, max_new, greedy = decode_args(ctx, specials, settings, seeds=seeds, active=active,
+                                           temperature=temperature, top_p=top_p)
+  check_capacity(ctx, np.where(act, max_new + 2, 0))
+  p = prepare(model)
+  with p.scope():
+    ctx2, out, count, logits = _decode_jit(p.static, p.state, ctx, *args, max_new,
+                                           bool(return_logits), greedy)
   out, count = np.asarray(out), np.asarray(count)
   tokens, finished = [], []
   for b in range(B):

@@ -2,9 +2,13 @@
 
     keymap        the exact bijection: our parameter paths <-> torch keys, per-tensor transforms,
                   `expected_torch_keys(cfg)` (1223 keys for the 7B config), strict key checks
-    import_torch  torch dir (ema.safetensors, ae.safetensors, llm/vit_config.json) -> Orbax
-    export_torch  Orbax -> torch dir; the understanding expert as a transformers causal LM
-    st_io         streaming safetensors reading (safe_open) and writing (tensor by tensor)
+    import_torch  torch dir (ema.safetensors or a sharded index, ae.safetensors, llm/vit_config.json)
+                  -> Orbax, no config needed; a lone ae.safetensors -> a VAE checkpoint
+    export_torch  Orbax -> torch dir (one file or transformers-style shards); the understanding
+                  expert as a transformers causal LM
+    st_io         streaming safetensors reading (checked headers, memory-mapped) and writing
+                  (tensor by tensor), shard planning
+    measure_memory  the host memory of import / export (are they streaming?)
 
 CLI: `python -m unimedvl_jax.convert {import,export} ...`.
 """

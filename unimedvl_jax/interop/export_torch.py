@@ -4,16 +4,22 @@
         [--hf-llm-out DIR2]
 
 Writes DIR/ema.safetensors (exactly the key set of SPEC section 8: 1223 tensors for the 7B
-config, torch Linear layout [out, in], metadata {"format": "pt"}), DIR/ae.safetensors (FLUX
-names, OIHW), DIR/llm_config.json (Qwen2 fields + qk_norm), DIR/vit_config.json (SigLIP fields,
-num_hidden_layers = built layers + 1, BAGEL's loaders subtract 1) and the tokenizer files when
-the checkpoint carries them (CKPT/tokenizer/).
+config, torch Linear layout [out, in], metadata {"format": "pt"}) -- or, with `--shard-size 5GB`,
+the same tensors as DIR/model-0000k-of-0000n.safetensors + DIR/model.safetensors.index.json (the
+transformers / vLLM layout) --, DIR/ae.safetensors (FLUX names, OIHW; its metadata records the
+VAE's norm groups / eps and scale / shift factors), DIR/llm_config.json (Qwen2 fields + qk_norm),
+DIR/vit_config.json (SigLIP fields, num_hidden_layers = built layers + 1, BAGEL's loaders
+subtract 1), DIR/unimedvl_config.json (our full config: `convert import` of DIR needs no flags and
+gives back the same config) and the tokenizer files when the checkpoint carries them
+(CKPT/tokenizer/). A VAE-less import's generation adapters (CKPT/generation_adapters.safetensors)
+go back into the model file; a VAE checkpoint exports to DIR/ae.safetensors.
 
 Memory: the files are written by a streaming safetensors writer (`st_io.StreamingWriter`), one
 tensor at a time (a stacked parameter one layer at a time). Peak host memory = the restored
 model (one copy) + about two copies of the largest single torch tensor (the layout transpose and
 the dtype cast); no dict of all converted tensors is ever built (measured on configs/small.py,
-a 233 MiB fp32 model: peak RSS +12 MiB during the export).
+a 233 MiB fp32 model: peak RSS +16 MiB while writing, `python -m
+unimedvl_jax.interop.measure_memory`). The sharded layout uses the same writer, shard by shard.
 
 `export_hf_causal_lm` writes the understanding expert alone as a transformers directory:
 Qwen3ForCausalLM when the model has QK-norm (Qwen3 has q_norm/k_norm; `attention_bias=True` adds
@@ -29,8 +35,14 @@ import shutil
 import numpy as np
 
 from unimedvl_jax.interop import keymap as km
-from unimedvl_jax.interop.import_torch import TOKENIZER_FILES, dtype_name
-from unimedvl_jax.interop.st_io import StreamingWriter, np_dtype
+from unimedvl_jax.interop.import_torch import (ADAPTERS_FILE, SIDECAR_CONFIG, TOKENIZER_FILES,
+                                               VAE_FILE_NAME, VAE_META_PREFIX, VAE_SETTINGS,
+                                               dtype_name, is_vae_checkpoint, load_vae_checkpoint,
+                                               vae_entries)
+from unimedvl_jax.interop.st_io import (SafetensorsSource, StreamingWriter, np_dtype, parse_size,
+                                        plan_shards, write_file_atomic)
+
+INDEX_NAME = "model.safetensors.index.json"
 
 # (key, shape, dtype, fetch) -- fetch() returns the torch-layout numpy tensor
 Plan = list
@@ -198,24 +210,125 @@ def copy_tokenizer(tokenizer_dir: str | None, out_dir: str) -> list[str]:
   return copied
 
 
+def vae_metadata(vae_cfg) -> dict:
+  """ae.safetensors header metadata: the VAE values no tensor shape gives (re-import needs no
+  flags; the reference loaders ignore metadata)."""
+  out = {'format': 'pt'}
+  for k, (typ, _) in VAE_SETTINGS.items():
+    out[VAE_META_PREFIX + k] = repr(typ(vae_cfg[k]))
+  return out
+
+
+def _other_layout_files(out_dir: str, sharded: bool) -> list[str]:
+  if not os.path.isdir(out_dir):
+    return []
+  names = os.listdir(out_dir)
+  if sharded:
+    return [n for n in names if n in ('ema.safetensors', 'model.safetensors')]
+  return [n for n in names if n == INDEX_NAME or (n.startswith('model-') and n.endswith('.safetensors'))]
+
+
+def check_out_dir(out_dir: str, shard_size=None) -> None:
+  """Refuses (before anything is read or written) a bad shard size and a folder that already
+  holds the other layout's model files (a re-import would not know which to read)."""
+  if shard_size is not None:
+    parse_size(shard_size)
+  clash = _other_layout_files(out_dir, shard_size is not None)
+  if clash:
+    raise ValueError(f'{out_dir} already holds {", ".join(sorted(clash))} of the other layout; '
+                     'export into an empty folder')
+
+
+def write_model_files(out_dir: str, plan: Plan, *, shard_size=None, metadata=None) -> dict:
+  """ema.safetensors, or with shard_size (bytes or '5GB') the transformers / vLLM layout:
+  model-0000k-of-0000n.safetensors + model.safetensors.index.json. Streams tensor by tensor."""
+  if shard_size is None:
+    write_plan(os.path.join(out_dir, 'ema.safetensors'), plan, metadata)
+    return {'ema.safetensors': len(plan)}
+  max_bytes = parse_size(shard_size)
+  specs = {k: (s, d) for k, s, d, _ in plan}
+  if len(specs) != len(plan):
+    raise ValueError(f'{out_dir}: duplicate keys in the export plan')
+  by_key = {k: (s, d, f) for k, s, d, f in plan}
+  shards = plan_shards(specs, max_bytes)
+  weight_map, total = {}, 0
+  for name, keys in shards:
+    write_plan(os.path.join(out_dir, name), [(k,) + by_key[k] for k in keys], metadata)
+    for k in keys:
+      weight_map[k] = name
+      s, d, _ = by_key[k]
+      total += int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
+  index = {'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))}
+  write_file_atomic(os.path.join(out_dir, INDEX_NAME), json.dumps(index, indent=2))
+  return {INDEX_NAME: len(plan), 'shards': [n for n, _ in shards]}
+
+
+def adapters_plan(src, dtype=None) -> Plan:
+  """Torch-layout tensors kept beside a VAE-less model (generation_adapters.safetensors)."""
+  dt = _np_dtype(dtype)
+  plan = []
+  for k in src.keys():
+    out_dt = dt if dt is not None else np.dtype(src.dtype(k))
+    plan.append((k, src.shape(k), out_dt,
+                 lambda k=k, out_dt=out_dt: np.ascontiguousarray(src.get(k)).astype(out_dt, copy=False)))
+  return plan
+
+
 def write_torch_dir(cfg, model_or_state, out_dir: str, *, dtype=None,
-                    tokenizer_dir: str | None = None) -> dict:
-  """Writes the BAGEL-layout directory; returns {file: number of tensors, 'tokenizer': [...]}."""
+                    tokenizer_dir: str | None = None, shard_size=None, adapters=None) -> dict:
+  """Writes the BAGEL-layout directory; returns {file: number of tensors, 'tokenizer': [...]}.
+
+  shard_size: write the model tensors as transformers-style shards (`write_model_files`) instead
+  of one ema.safetensors. adapters: a tensor source of generation adapters to add to the model
+  file (a VAE-less import keeps them in generation_adapters.safetensors). Beside the tensors:
+  llm_config.json, vit_config.json, unimedvl_config.json (the full config: a re-import needs no
+  flags) and, in ae.safetensors' metadata, the VAE's norm groups / eps and scale / shift."""
+  check_out_dir(out_dir, shard_size)
   os.makedirs(out_dir, exist_ok=True)
   state = _state_of(model_or_state)
   meta = {'format': 'pt'}
   model_plan = torch_plan(state, km.MODEL_FILE, dtype)
-  write_plan(os.path.join(out_dir, 'ema.safetensors'), model_plan, meta)
-  out = {'ema.safetensors': len(model_plan)}
+  if adapters is not None:
+    have = {k for k, *_ in model_plan}
+    extra = adapters_plan(adapters, dtype)
+    dup = sorted(have & {k for k, *_ in extra})
+    if dup:
+      raise ValueError(f'{adapters.name}: {dup[:5]} are also parameters of the model')
+    model_plan = model_plan + extra
+  out = write_model_files(out_dir, model_plan, shard_size=shard_size, metadata=meta)
   vae_plan = torch_plan(state, km.VAE_FILE, dtype)
   if vae_plan:
-    write_plan(os.path.join(out_dir, 'ae.safetensors'), vae_plan, meta)
-    out['ae.safetensors'] = len(vae_plan)
+    write_plan(os.path.join(out_dir, VAE_FILE_NAME), vae_plan, vae_metadata(cfg.model.vae))
+    out[VAE_FILE_NAME] = len(vae_plan)
   _write_json(os.path.join(out_dir, 'llm_config.json'), llm_config_json(cfg, _np_dtype(dtype)))
   if cfg.model.vit.enabled:
     _write_json(os.path.join(out_dir, 'vit_config.json'), vit_config_json(cfg))
+  from unimedvl_jax.train.checkpoint import config_to_json
+  full = config_to_json(cfg)
+  if dtype is not None:
+    full['model']['param_dtype'] = _np_dtype(dtype).name
+  _write_json(os.path.join(out_dir, SIDECAR_CONFIG), {'format': 'unimedvl_jax', 'config': full})
   out['tokenizer'] = copy_tokenizer(tokenizer_dir, out_dir)
   return out
+
+
+def export_vae_checkpoint(path: str, out_dir: str, *, dtype=None) -> dict:
+  """A VAE checkpoint (a lone ae.safetensors import) -> out_dir/ae.safetensors (with metadata)."""
+  from flax import nnx
+  cfg_model, ae = load_vae_checkpoint(path)
+  state = nnx.state(ae)
+  dt = _np_dtype(dtype)
+  values = _flat_values(state)
+  plan = []
+  for e in vae_entries(state):
+    v = values[e.path]
+    out_dt = dt if dt is not None else np.dtype(v.dtype)
+    plan.append((e.keys[0], e.torch_shape, out_dt,
+                 lambda v=v, e=e, out_dt=out_dt: np.ascontiguousarray(
+                     km.to_torch_layout(_host(v), e.transform)).astype(out_dt, copy=False)))
+  os.makedirs(out_dir, exist_ok=True)
+  write_plan(os.path.join(out_dir, VAE_FILE_NAME), plan, vae_metadata(cfg_model.vae))
+  return {VAE_FILE_NAME: len(plan)}
 
 
 # --------------------------------------------------------------- Hugging Face causal LM export
@@ -325,14 +438,38 @@ def find_tokenizer_dir(checkpoint: str) -> str | None:
   return None
 
 
+def find_adapters_file(checkpoint: str) -> str | None:
+  """generation_adapters.safetensors of a VAE-less import (beside its checkpoints/ folder)."""
+  c = os.path.normpath(checkpoint)
+  for d in (c, os.path.dirname(c) if os.path.basename(c) == 'checkpoints' else None):
+    if d and os.path.isfile(os.path.join(d, ADAPTERS_FILE)):
+      return os.path.join(d, ADAPTERS_FILE)
+  return None
+
+
 def export_checkpoint(checkpoint: str, out: str, *, dtype=None, use_ema: bool = True,
                       hf_llm_out: str | None = None, tokenizer_dir: str | None = None,
-                      step: int | None = None) -> dict:
-  """The CLI's `export`: Orbax checkpoint -> BAGEL-layout dir (+ optional HF causal LM dir)."""
+                      step: int | None = None, shard_size=None) -> dict:
+  """The CLI's `export`: Orbax checkpoint -> BAGEL-layout dir (+ optional HF causal LM dir).
+  A VAE checkpoint (a lone ae.safetensors import) exports to out/ae.safetensors."""
+  if is_vae_checkpoint(checkpoint):
+    return export_vae_checkpoint(checkpoint, out, dtype=dtype)
+  check_out_dir(out, shard_size)
   from unimedvl_jax.train.checkpoint import load_model
   cfg, model = load_model(checkpoint, use_ema=use_ema, step=step)
   tok = tokenizer_dir or find_tokenizer_dir(checkpoint)
-  info = write_torch_dir(cfg, model, out, dtype=dtype, tokenizer_dir=tok)
+  adapters = None
+  path = find_adapters_file(checkpoint) if not cfg.model.vae.enabled else None
+  if path is not None:
+    adapters = SafetensorsSource(path)
+  try:
+    info = write_torch_dir(cfg, model, out, dtype=dtype, tokenizer_dir=tok, shard_size=shard_size,
+                           adapters=adapters)
+  finally:
+    if adapters is not None:
+      adapters.close()
+  if path is not None:
+    info['generation_adapters'] = path
   if hf_llm_out:
     info['hf_llm'] = export_hf_causal_lm(cfg, model, hf_llm_out, dtype=dtype, tokenizer_dir=tok)
   return info

@@ -207,16 +207,20 @@ def _is_stacked(path: tuple) -> bool:
   return tuple(path[:2]) == ('decoder', 'layers') or tuple(path[:3]) == ('vit', 'encoder', 'layers')
 
 
-def entries_from_state(state) -> list[Entry]:
-  """All entries for an nnx state (concrete or abstract from nnx.eval_shape), in state order."""
+def entries_from_state(state, prefix: tuple = ()) -> list[Entry]:
+  """All entries for an nnx state (concrete or abstract from nnx.eval_shape), in state order.
+
+  prefix: where `state` sits in UniMedVL's tree (('vae',) for a lone AutoEncoder's state); the
+  entries' paths stay relative to `state`."""
   from flax import nnx
   out = []
+  prefix = tuple(prefix)
   for path, var in nnx.to_flat_state(state):
     value = var.get_value() if hasattr(var, 'get_value') else var.value
     shape = tuple(int(d) for d in value.shape)
-    stacked = _is_stacked(path)
+    stacked = _is_stacked(prefix + tuple(path))
     ndim = len(shape) - 1 if stacked else len(shape)
-    file, tmpl, transform = torch_name(path, ndim)
+    file, tmpl, transform = torch_name(prefix + tuple(path), ndim)
     keys = tuple(tmpl.format(i=i) for i in range(shape[0])) if stacked else (tmpl,)
     out.append(Entry(tuple(path), file, keys, stacked, transform, shape, value.dtype))
   seen: dict[str, tuple] = {}
@@ -273,6 +277,31 @@ def expected_torch_keys(cfg, file: str = MODEL_FILE) -> dict[str, tuple]:
   """torch key -> shape of the checkpoint file ('model' = ema.safetensors, 'vae' =
   ae.safetensors) for `cfg`. The released 7B config gives exactly 1223 model keys."""
   return expected_keys_from_entries(model_entries(cfg), file)
+
+
+# ------------------------------------------------------------------ generation adapters
+
+# The tensors of the generation path outside the decoder: UniMedVL builds them together with the
+# VAE (`model.vae.enabled`), but a checkpoint may hold them without its ae.safetensors.
+GEN_ADAPTER_PREFIXES = ('vae2llm.', 'llm2vae.', 'time_embedder.', 'latent_pos_embed.')
+
+
+def is_gen_adapter_key(key: str) -> bool:
+  return key.startswith(GEN_ADAPTER_PREFIXES)
+
+
+def gen_adapter_keys(cfg_model) -> dict[str, tuple]:
+  """torch key -> shape of the generation adapters for a model config (whether or not its VAE
+  is enabled), written from SPEC section 8."""
+  H = cfg_model.llm.hidden_size
+  d = cfg_model.latent_patch_size ** 2 * cfg_model.vae.z_channels
+  F = cfg_model.timestep_freq_dim
+  G = cfg_model.max_latent_size
+  return {'latent_pos_embed.pos_embed': (G * G, H),
+          'time_embedder.mlp.0.weight': (H, F), 'time_embedder.mlp.0.bias': (H,),
+          'time_embedder.mlp.2.weight': (H, H), 'time_embedder.mlp.2.bias': (H,),
+          'vae2llm.weight': (H, d), 'vae2llm.bias': (H,),
+          'llm2vae.weight': (d, H), 'llm2vae.bias': (d,)}
 
 
 # ------------------------------------------------------------------- FLUX autoencoder key set

@@ -1,8 +1,13 @@
 """TPU (Mosaic) kernels of the packed flash attention.
 
-Layout [B, H, T, D] inside (the head dim is the lane dim); the wrapper transposes from and to
-[B, T, H, D]. Grids:
-  forward, dq   (B, Hq, nq, nk)         last axis sequential ("arbitrary"), accumulators in VMEM
+Layout [B, H, T, D] (head-major; the head dim is the lane dim). `flash_attention` transposes
+token-major inputs once, outside the custom VJP; head-major inputs are used in place. Grids:
+  forward, dq   (B, Hkv, nq, nk)        one program row per (KV head, query block) holds the G
+                                        query heads of the group ([G, bq, D] blocks, accumulators
+                                        in VMEM); the last axis is sequential ("arbitrary"). Each
+                                        K/V block is DMA'd once per group and reused from VMEM by
+                                        the G heads, and the mask of a PARTIAL block is evaluated
+                                        once for the group.
   dk/dv         (B, Hkv, nk, G, nq)     the G query heads of a KV group and the query blocks are
                                         the sequential axes, so dk/dv of a group accumulate in
                                         VMEM and K/V blocks are fetched once per group.
@@ -66,9 +71,17 @@ def _work_index(order_ref, counts_ref, row, j, width):
   return order_ref[row * width + jj]
 
 
+# Scoped VMEM limit of the kernels. XLA's default (16 MiB) is just too small for the forward and dq
+# kernels with the 7B grouping (G = 7 query heads x 512 rows of accumulators, max and sum in VMEM:
+# ~16 MiB). 32 MiB fits every generation these kernels target (VMEM per core: v5e and v6e
+# 128 MiB, v5p 64 MiB; jax/_src/pallas/mosaic/tpu_info.py), not v4 (16 MiB).
+VMEM_LIMIT_BYTES = 32 * 1024 * 1024
+
+
 def _compiler_params(n_seq_axes):
   """Three parallel grid axes (batch, head, block) then the sequential ones."""
-  return pltpu.CompilerParams(dimension_semantics=('parallel',) * 3 + ('arbitrary',) * n_seq_axes)
+  return pltpu.CompilerParams(dimension_semantics=('parallel',) * 3 + ('arbitrary',) * n_seq_axes,
+                              vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
 def _flat(lists):
@@ -79,7 +92,7 @@ def _flat(lists):
 
 def _fwd_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, m_scr, l_scr, acc_scr, qcol_scr, *, scale, bq, bk, nq, nk,
-                precision):
+                groups, precision):
   b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   row = b * nq + qi
   n_full = counts_ref[2 * row]
@@ -95,24 +108,27 @@ def _fwd_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref
       qcol_scr[f] = _row_to_col(qmeta_ref[f:f + 1, :])
 
   def step(masked):
-    s = _dot(q_ref[...], k_ref[...], _NT, precision) * scale            # [bq, bk]
+    k, v = k_ref[...], v_ref[...]
+    mask = None
     if masked:
       qf = [_lanes(qcol_scr[f], bk) for f in range(3)]
       mask = allowed(qf[0], qf[1], qf[2],
                      qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0),
                      kmeta_ref[0:1, :], kmeta_ref[1:2, :], kmeta_ref[2:3, :],
                      kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1))
-      s = jnp.where(mask, s, MASK_VALUE)
-    m_prev, l_prev = m_scr[...], l_scr[...]                              # [bq, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - _lanes(m_next, bk))
-    if masked:
-      p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp(m_prev - m_next)
-    m_scr[...] = m_next
-    l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[...]
-    acc_scr[...] = (_lanes(alpha, acc_scr.shape[1]) * acc_scr[...]
+    for g in range(groups):          # the G query heads of the group share k, v and the mask
+      s = _dot(q_ref[g], k, _NT, precision) * scale                    # [bq, bk]
+      if masked:
+        s = jnp.where(mask, s, MASK_VALUE)
+      m_prev, l_prev = m_scr[g], l_scr[g]                               # [bq, 128]
+      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      p = jnp.exp(s - _lanes(m_next, bk))
+      if masked:
+        p = jnp.where(mask, p, 0.0)
+      alpha = jnp.exp(m_prev - m_next)
+      m_scr[g] = m_next
+      l_scr[g] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+      acc_scr[g] = (_lanes(alpha, acc_scr.shape[2]) * acc_scr[g]
                     + _dot(p.astype(v.dtype), v, _NN, precision))
 
   pl.when(j < n_full)(lambda: step(False))
@@ -120,71 +136,72 @@ def _fwd_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref
 
   @pl.when(j == nk - 1)
   def _finish():
-    l = l_scr[...]
-    valid = l > 0.0
-    l_safe = jnp.where(valid, l, 1.0)
-    o_ref[...] = (acc_scr[...] * _lanes(1.0 / l_safe, acc_scr.shape[1])).astype(o_ref.dtype)
-    lse = jnp.where(valid, m_scr[...] + jnp.log(l_safe), EMPTY_ROW_LSE)  # [bq, 128]
-    lse_ref[...] = lse.T[0:1, :]
+    for g in range(groups):
+      l = l_scr[g]
+      valid = l > 0.0
+      l_safe = jnp.where(valid, l, 1.0)
+      o_ref[g] = (acc_scr[g] * _lanes(1.0 / l_safe, acc_scr.shape[2])).astype(o_ref.dtype)
+      lse = jnp.where(valid, m_scr[g] + jnp.log(l_safe), EMPTY_ROW_LSE)  # [bq, 128]
+      lse_ref[g] = lse.T[0:1, :]
 
 
-def _transpose_in(*xs):
-  return [x.transpose(0, 2, 1, 3) for x in xs]
-
-
-def forward(q, k, v, meta, lists, *, scale, bq, bk, interpret, cost_estimate=None):
-  """q [B, Tp, Hq, D] etc. -> (o [B, Tp, Hq, D], lse f32 [B, Hq, Tp])."""
-  B, Tp, Hq, D = q.shape
-  Hkv = k.shape[2]
-  G = Hq // Hkv
-  nq, nk = Tp // bq, Tp // bk
-  qt, kt, vt = _transpose_in(q, k, v)
-  order, counts = _flat(lists)
-
+def _kv_maps(G, nq, nk):
+  """Index maps of the K/V blocks and key metadata of step j of work-list row (b, i)."""
   def kv_map(b, h, i, j, order_ref, counts_ref):
-    return b, lax.div(h, G), _work_index(order_ref, counts_ref, b * nq + i, j, nk), 0
+    return b, h, _work_index(order_ref, counts_ref, b * nq + i, j, nk), 0
 
   def kmeta_map(b, h, i, j, order_ref, counts_ref):
     return b, 0, _work_index(order_ref, counts_ref, b * nq + i, j, nk)
+  return kv_map, kmeta_map
 
+
+def forward(q, k, v, meta, lists, *, scale, bq, bk, interpret, cost_estimate=None):
+  """q [B, Hq, Tp, D], k/v [B, Hkv, Tp, D] -> (o [B, Hq, Tp, D], lse f32 [B, Hq, Tp])."""
+  B, Hq, Tp, D = q.shape
+  Hkv = k.shape[1]
+  G = Hq // Hkv
+  nq, nk = Tp // bq, Tp // bk
+  order, counts = _flat(lists)
+  kv_map, kmeta_map = _kv_maps(G, nq, nk)
+  group = pl.BlockSpec((None, G, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(B, Hq, nq, nk),
+      grid=(B, Hkv, nq, nk),
       in_specs=[
           pl.BlockSpec((None, 3, bq), lambda b, h, i, j, *_: (b, 0, i)),
           pl.BlockSpec((None, 3, bk), kmeta_map),
-          pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
+          group,
           pl.BlockSpec((None, None, bk, D), kv_map),
           pl.BlockSpec((None, None, bk, D), kv_map),
       ],
       out_specs=[
-          pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-          pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i)),
+          group,
+          pl.BlockSpec((None, G, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i)),
       ],
-      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                      pltpu.VMEM((bq, LANES), jnp.float32),
-                      pltpu.VMEM((bq, D), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((G, bq, LANES), jnp.float32),
+                      pltpu.VMEM((G, bq, LANES), jnp.float32),
+                      pltpu.VMEM((G, bq, D), jnp.float32),
                       pltpu.VMEM((3, bq, LANES), jnp.int32)])
-  kernel = functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk, nq=nq, nk=nk,
+  kernel = functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk, nq=nq, nk=nk, groups=G,
                              precision=_precision(q.dtype))
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[out_struct(qt.shape, q.dtype, q, k, v, meta),
+      out_shape=[out_struct(q.shape, q.dtype, q, k, v, meta),
                  out_struct((B, Hq, 1, Tp), jnp.float32, q, k, v, meta)],
       compiler_params=_compiler_params(1),
       cost_estimate=cost_estimate,
       interpret=interpret,
       name='packed_flash_fwd_tpu',
-  )(order, counts, meta, meta, qt, kt, vt)
-  return o.transpose(0, 2, 1, 3), lse[:, :, 0, :]
+  )(order, counts, meta, meta, q, k, v)
+  return o, lse[:, :, 0, :]
 
 
 # ---------------------------------------------------------------------------------------- dq
 
 def _dq_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, dq_ref, acc_scr, lse_scr, delta_scr, qcol_scr,
-               *, scale, bq, bk, nq, nk, precision):
+               *, scale, bq, bk, nq, nk, groups, precision):
   b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   row = b * nq + qi
   n_full = counts_ref[2 * row]
@@ -194,25 +211,29 @@ def _dq_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref,
   @pl.when(j == 0)
   def _init():
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
-    lse_scr[...] = _row_to_col(lse_ref[...])
-    delta_scr[...] = _row_to_col(delta_ref[...])
+    for g in range(groups):
+      lse_scr[g] = _row_to_col(lse_ref[g])
+      delta_scr[g] = _row_to_col(delta_ref[g])
     for f in range(3):
       qcol_scr[f] = _row_to_col(qmeta_ref[f:f + 1, :])
 
   def step(masked):
-    k = k_ref[...]
-    s = _dot(q_ref[...], k, _NT, precision) * scale
-    p = jnp.exp(s - _lanes(lse_scr[...], bk))
+    k, v = k_ref[...], v_ref[...]
+    mask = None
     if masked:
       qf = [_lanes(qcol_scr[f], bk) for f in range(3)]
       mask = allowed(qf[0], qf[1], qf[2],
                      qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0),
                      kmeta_ref[0:1, :], kmeta_ref[1:2, :], kmeta_ref[2:3, :],
                      kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1))
-      p = jnp.where(mask, p, 0.0)
-    dp = _dot(do_ref[...], v_ref[...], _NT, precision)
-    ds = p * (dp - _lanes(delta_scr[...], bk))
-    acc_scr[...] += _dot(ds.astype(k.dtype), k, _NN, precision)
+    for g in range(groups):
+      s = _dot(q_ref[g], k, _NT, precision) * scale
+      p = jnp.exp(s - _lanes(lse_scr[g], bk))
+      if masked:
+        p = jnp.where(mask, p, 0.0)
+      dp = _dot(do_ref[g], v, _NT, precision)
+      ds = p * (dp - _lanes(delta_scr[g], bk))
+      acc_scr[g] += _dot(ds.astype(k.dtype), k, _NN, precision)
 
   pl.when(j < n_full)(lambda: step(False))
   pl.when((j >= n_full) & (j < n))(lambda: step(True))
@@ -224,49 +245,41 @@ def _dq_kernel(order_ref, counts_ref, qmeta_ref, kmeta_ref, q_ref, k_ref, v_ref,
 
 def backward_dq(q, k, v, do, lse, delta, meta, lists, *, scale, bq, bk, interpret,
                 cost_estimate=None):
-  B, Tp, Hq, D = q.shape
-  Hkv = k.shape[2]
+  B, Hq, Tp, D = q.shape
+  Hkv = k.shape[1]
   G = Hq // Hkv
   nq, nk = Tp // bq, Tp // bk
-  qt, kt, vt, dot_ = _transpose_in(q, k, v, do)
   order, counts = _flat(lists)
-
-  def kv_map(b, h, i, j, order_ref, counts_ref):
-    return b, lax.div(h, G), _work_index(order_ref, counts_ref, b * nq + i, j, nk), 0
-
-  def kmeta_map(b, h, i, j, order_ref, counts_ref):
-    return b, 0, _work_index(order_ref, counts_ref, b * nq + i, j, nk)
-
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
+  kv_map, kmeta_map = _kv_maps(G, nq, nk)
+  group = pl.BlockSpec((None, G, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
+  rows = pl.BlockSpec((None, G, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(B, Hq, nq, nk),
+      grid=(B, Hkv, nq, nk),
       in_specs=[
           pl.BlockSpec((None, 3, bq), lambda b, h, i, j, *_: (b, 0, i)),
           pl.BlockSpec((None, 3, bk), kmeta_map),
-          q_spec,
+          group,
           pl.BlockSpec((None, None, bk, D), kv_map),
           pl.BlockSpec((None, None, bk, D), kv_map),
-          q_spec, row_spec, row_spec,
+          group, rows, rows,
       ],
-      out_specs=q_spec,
-      scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32),
-                      pltpu.VMEM((bq, LANES), jnp.float32),
-                      pltpu.VMEM((bq, LANES), jnp.float32),
+      out_specs=group,
+      scratch_shapes=[pltpu.VMEM((G, bq, D), jnp.float32),
+                      pltpu.VMEM((G, bq, LANES), jnp.float32),
+                      pltpu.VMEM((G, bq, LANES), jnp.float32),
                       pltpu.VMEM((3, bq, LANES), jnp.int32)])
-  kernel = functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk, nq=nq, nk=nk,
+  kernel = functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk, nq=nq, nk=nk, groups=G,
                              precision=_precision(q.dtype))
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=out_struct(qt.shape, q.dtype, q, k, v, do, meta),
+      out_shape=out_struct(q.shape, q.dtype, q, k, v, do, meta),
       compiler_params=_compiler_params(1),
       cost_estimate=cost_estimate,
       interpret=interpret,
       name='packed_flash_dq_tpu',
-  )(order, counts, meta, meta, qt, kt, vt, dot_, lse[:, :, None, :], delta[:, :, None, :])
-  return dq.transpose(0, 2, 1, 3)
+  )(order, counts, meta, meta, q, k, v, do, lse[:, :, None, :], delta[:, :, None, :])
 
 
 # ------------------------------------------------------------------------------------- dk/dv
@@ -315,11 +328,12 @@ def _dkv_kernel(order_ref, counts_ref, kmeta_ref, qmeta_ref, q_ref, k_ref, v_ref
 
 def backward_dkv(q, k, v, do, lse, delta, meta, lists_t, *, scale, bq, bk, interpret,
                  cost_estimate=None):
-  B, Tp, Hq, D = q.shape
-  Hkv = k.shape[2]
+  """q, do [B, Hq, Tp, D], k, v [B, Hkv, Tp, D]; lists_t: work lists of the transposed
+  classification ([B, nk, nq]). -> (dk, dv) like k, v."""
+  B, Hq, Tp, D = q.shape
+  Hkv = k.shape[1]
   G = Hq // Hkv
   nq, nk = Tp // bq, Tp // bk
-  qt, kt, vt, dot_ = _transpose_in(q, k, v, do)
   order, counts = _flat(lists_t)
 
   def q_map(b, h, j, g, i, order_ref, counts_ref):
@@ -353,11 +367,11 @@ def backward_dkv(q, k, v, do, lse, delta, meta, lists_t, *, scale, bq, bk, inter
   dk, dv = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[out_struct(kt.shape, k.dtype, q, k, v, do, meta),
-                 out_struct(vt.shape, v.dtype, q, k, v, do, meta)],
+      out_shape=[out_struct(k.shape, k.dtype, q, k, v, do, meta),
+                 out_struct(v.shape, v.dtype, q, k, v, do, meta)],
       compiler_params=_compiler_params(2),
       cost_estimate=cost_estimate,
       interpret=interpret,
       name='packed_flash_dkv_tpu',
-  )(order, counts, meta, meta, qt, kt, vt, dot_, lse[:, :, None, :], delta[:, :, None, :])
-  return dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+  )(order, counts, meta, meta, q, k, v, do, lse[:, :, None, :], delta[:, :, None, :])
+  return dk, dv

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from unimedvl_jax.model.attention import MODE_CAUSAL, MODE_NOISE
+from unimedvl_jax.batch import MODE_CAUSAL, MODE_NOISE
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 _BIG = 1 << 30  # sentinel: min of an empty set is +BIG, max is -BIG
@@ -71,11 +71,22 @@ def _summarise(segment_ids, split_ids, split_modes, block: int, class_a_mode: in
       b_seg_min=mn(seg, in_b), b_seg_max=mx(seg, in_b))
 
 
+def _idx_range(idx, valid, block):
+  """Per block, min / max of the sequence index over its non-padding tokens ([B, n] each)."""
+  B, T = idx.shape
+  r = lambda x: x.reshape(B, T // block, block)
+  i, v = r(idx), r(valid)
+  return (jnp.min(jnp.where(v, i, _BIG), axis=-1), jnp.max(jnp.where(v, i, -_BIG), axis=-1))
+
+
 @functools.partial(jax.jit, static_argnames=('block_q', 'block_k'))
-def classify_blocks(segment_ids, split_ids, split_modes, block_q: int, block_k: int) -> jax.Array:
+def classify_blocks(segment_ids, split_ids, split_modes, block_q: int, block_k: int,
+                    token_idx=None) -> jax.Array:
   """int32 [B, T] metadata (T a multiple of both blocks) -> int32 [B, T/block_q, T/block_k].
 
-  Values SKIP / PARTIAL / FULL, see the module docstring.
+  Values SKIP / PARTIAL / FULL, see the module docstring. `token_idx` [B, T]: the sequence index
+  of each entry when the arrays are NOT in sequence order (e.g. the decoder's expert order, whose
+  causality is by sequence index); None = sequence order (index = position in the array).
   """
   B, T = segment_ids.shape
   if T % block_q or T % block_k:
@@ -88,10 +99,16 @@ def classify_blocks(segment_ids, split_ids, split_modes, block_q: int, block_k: 
   q = jax.tree.map(lambda x: x[:, :, None], qs)   # [B, nq, 1]
   k = jax.tree.map(lambda x: x[:, None, :], ks)   # [B, 1, nk]
   nq, nk = T // block_q, T // block_k
-  q_lo = (jnp.arange(nq, dtype=jnp.int32) * block_q)[None, :, None]
-  q_hi = q_lo + block_q - 1
-  k_lo = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, None, :]
-  k_hi = k_lo + block_k - 1
+  if token_idx is None:
+    q_lo = (jnp.arange(nq, dtype=jnp.int32) * block_q)[None, :, None]
+    q_hi = q_lo + block_q - 1
+    k_lo = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, None, :]
+    k_hi = k_lo + block_k - 1
+  else:   # index ranges over the real tokens of each block (empty blocks are SKIP anyway)
+    token_idx = jnp.asarray(token_idx, jnp.int32)
+    valid = segment_ids != 0
+    q_lo, q_hi = (x[:, :, None] for x in _idx_range(token_idx, valid, block_q))
+    k_lo, k_hi = (x[:, None, :] for x in _idx_range(token_idx, valid, block_k))
   k_after = k_lo > q_hi          # every key strictly after every query
   k_before = k_hi <= q_lo        # every key at or before every query
 

@@ -12,27 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MODE_CAUSAL, MODE_FULL, MODE_NOISE = 0, 1, 2
+from unimedvl_jax.batch import MODE_CAUSAL, MODE_FULL, MODE_NOISE, allowed  # noqa: F401 (re-exported)
 
 
-def allowed(q_seg, q_split, q_mode, q_idx, k_seg, k_split, k_mode, k_idx):
-  """Elementwise (broadcasting) attention rule. *_idx are sequence indices (for causality)."""
-  same = (q_seg == k_seg) & (q_seg != 0)
-  earlier = k_split < q_split
-  same_split = k_split == q_split
-  inside = same_split & ((q_mode != MODE_CAUSAL) | (k_idx <= q_idx))
-  hidden_noise = (k_mode == MODE_NOISE) & ~same_split
-  return same & (earlier | inside) & ~hidden_noise
-
-
-def attention_mask(segment_ids: jax.Array, split_ids: jax.Array, split_modes: jax.Array) -> jax.Array:
-  """int32 [B, T] metadata -> bool [B, T, T] (query, key): True where the query may see the key."""
+def attention_mask(segment_ids: jax.Array, split_ids: jax.Array, split_modes: jax.Array,
+                   token_idx: jax.Array | None = None) -> jax.Array:
+  """int32 [B, T] metadata -> bool [B, T, T] (query, key): True where the query may see the key.
+  token_idx [B, T]: sequence index of each entry if the arrays are not in sequence order."""
   T = segment_ids.shape[-1]
-  idx = jnp.arange(T, dtype=jnp.int32)
+  idx = (jnp.arange(T, dtype=jnp.int32)[None] if token_idx is None else token_idx)
   q = lambda a: a[:, :, None]
   k = lambda a: a[:, None, :]
-  return allowed(q(segment_ids), q(split_ids), q(split_modes), idx[None, :, None],
-                 k(segment_ids), k(split_ids), k(split_modes), idx[None, None, :])
+  return allowed(q(segment_ids), q(split_ids), q(split_modes), q(idx),
+                 k(segment_ids), k(split_ids), k(split_modes), k(idx))
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -62,33 +54,109 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return out.reshape(B, Tq, Hq, D).astype(q.dtype)
 
 
-def reference_attention(q, k, v, segment_ids, split_ids, split_modes, *, scale=None):
+def reference_attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
+                        scale=None):
   """The reference (XLA) attention of a packed sequence; the kernels are checked against it.
 
   q [B, T, Hq, D]; k, v [B, T, Hkv, D]; metadata int32 [B, T]. Returns [B, T, Hq, D].
   """
-  return masked_attention(q, k, v, attention_mask(segment_ids, split_ids, split_modes), scale)
+  return masked_attention(q, k, v, attention_mask(segment_ids, split_ids, split_modes, token_idx),
+                          scale)
+
+
+IMPLS = ('xla', 'blocked', 'pallas', 'splash', 'cudnn', 'auto')
+KERNEL_IMPLS = ('pallas', 'splash', 'cudnn')   # what runs under shard_map, one shard per device
+# backends that take the tokens in any order (with their sequence indices); the others need
+# sequence order (the decoder then gathers q/k/v into it and the output back, per layer)
+ANY_ORDER_IMPLS = ('xla', 'blocked')
 
 
 def resolve_impl(impl: str) -> str:
+  """'auto' -> 'pallas' on TPU and GPU, 'blocked' elsewhere; any other name is returned checked."""
   if impl == 'auto':
-    return 'pallas' if jax.default_backend() in ('tpu', 'gpu') else 'xla'
+    return 'pallas' if jax.default_backend() in ('tpu', 'gpu') else 'blocked'
+  if impl not in IMPLS:
+    raise ValueError(f'unknown attention_impl {impl!r}; choose from {IMPLS}')
   return impl
 
 
-def attention(q, k, v, segment_ids, split_ids, split_modes, *, impl: str = 'xla', scale=None):
-  """Dispatch: 'xla' (reference), 'pallas' (fused kernel), 'auto' (best for the backend)."""
+def preferred_layout(impl: str) -> str:
+  """The q/k/v layout an implementation consumes without transposing: 'bhtd' (head-major) for
+  the TPU kernels (Pallas 'tpu' backend, splash), 'bthd' (token-major) otherwise."""
   impl = resolve_impl(impl)
+  if impl == 'splash' or (impl == 'pallas' and jax.default_backend() == 'tpu'):
+    return 'bhtd'
+  return 'bthd'
+
+
+def attention_plan(segment_ids, split_ids, split_modes, token_idx=None, *, impl: str,
+                   block: int = 64):
+  """The backend's per-step precomputation for this metadata (the blocked attention's work
+  list), or None. Compute it once outside a layer scan and pass it to every layer's call."""
+  if resolve_impl(impl) != 'blocked':
+    return None
+  from unimedvl_jax.kernels.blocked_xla import plan_for
+  return plan_for(segment_ids, split_ids, split_modes, token_idx, block_q=block, block_k=block)
+
+
+def attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
+              impl: str = 'blocked', scale=None, layout: str = 'bthd', block: int = 64,
+              plan=None):
+  """Dispatch over the attention implementations (config `model.attention_impl`):
+
+    'blocked' block-sparse XLA (kernels/blocked_xla.py): the default where Pallas does not run
+    'xla'     reference_attention (dense mask, f32 softmax)
+    'pallas'  our fused kernel (kernels/flash_attention.py): Mosaic on TPU, Triton on GPU,
+              interpret mode on CPU
+    'splash'  JAX's TPU splash attention with a per-pack dynamic mask (kernels/splash.py);
+              interpret mode on CPU
+    'cudnn'   jax.nn.dot_product_attention with the explicit mask (kernels/cudnn_attention.py):
+              implementation='cudnn' on GPU, 'xla' elsewhere
+    'auto'    'pallas' on TPU / GPU, 'blocked' on CPU
+
+  layout: 'bthd' q [B, T, Hq, D] (k, v with Hkv heads) or 'bhtd' [B, Hq, T, D]; the output has
+  q's layout. token_idx [B, T]: sequence index of each entry when the tokens are not in sequence
+  order ('blocked' and 'xla' only, token-major). plan: from `attention_plan` for the same
+  metadata (shared by the layers of a stack). Every implementation is differentiable in q, k, v.
+  """
+  impl = resolve_impl(impl)
+  if layout not in ('bthd', 'bhtd'):
+    raise ValueError(f"layout must be 'bthd' or 'bhtd', got {layout!r}")
+  if impl in ANY_ORDER_IMPLS and layout == 'bhtd':
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    return t(attention(t(q), t(k), t(v), segment_ids, split_ids, split_modes, token_idx,
+                       impl=impl, scale=scale, block=block, plan=plan))
   if impl == 'xla':
-    return reference_attention(q, k, v, segment_ids, split_ids, split_modes, scale=scale)
+    return reference_attention(q, k, v, segment_ids, split_ids, split_modes, token_idx,
+                               scale=scale)
+  if impl == 'blocked':
+    from unimedvl_jax.kernels.blocked_xla import blocked_attention
+    return blocked_attention(q, k, v, segment_ids, split_ids, split_modes, token_idx,
+                             block_q=block, block_k=block, scale=scale, plan=plan)
+  if token_idx is not None:
+    raise ValueError(f'attention_impl {impl!r} needs the tokens in sequence order')
+  from unimedvl_jax import sharding
+  on_cpu = jax.default_backend() == 'cpu'
   if impl == 'pallas':
-    from unimedvl_jax import sharding
     from unimedvl_jax.kernels.flash_attention import flash_attention
-    interpret = jax.default_backend() == 'cpu'
 
     def kernel(q, k, v, seg, split, mode):
-      return flash_attention(q, k, v, seg, split, mode, scale=scale, interpret=interpret)
-    # XLA cannot partition a Pallas (Mosaic/Triton) call: on a multi-device mesh each device runs
-    # the kernel on its own packs (and heads under 'tensor') through jax.shard_map
-    return sharding.shard_map_attention(kernel, q, k, v, segment_ids, split_ids, split_modes)
-  raise ValueError(f'unknown attention_impl {impl!r}')
+      return flash_attention(q, k, v, seg, split, mode, scale=scale, interpret=on_cpu,
+                             layout=layout)
+  elif impl == 'splash':
+    from unimedvl_jax.kernels.splash import splash_attention
+
+    def kernel(q, k, v, seg, split, mode):
+      return splash_attention(q, k, v, seg, split, mode, scale=scale, interpret=on_cpu,
+                              layout=layout)
+  else:
+    from unimedvl_jax.kernels.cudnn_attention import cudnn_attention
+    implementation = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+
+    def kernel(q, k, v, seg, split, mode):
+      return cudnn_attention(q, k, v, seg, split, mode, scale=scale, layout=layout,
+                             implementation=implementation)
+  # XLA cannot partition a Pallas (Mosaic/Triton) or cuDNN call: on a multi-device mesh each
+  # device runs the kernel on its own packs (and heads under 'tensor') through jax.shard_map
+  return sharding.shard_map_attention(kernel, q, k, v, segment_ids, split_ids, split_modes,
+                                      head_axis=2 if layout == 'bthd' else 1)

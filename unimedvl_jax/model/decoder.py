@@ -78,10 +78,14 @@ class MoTLayer(nnx.Module):
     self.gen = Expert(llm, **kw)
 
   def __call__(self, x_u, x_g, rope_u: Rope, rope_g: Rope, attend: AttendFn, extra=None):
-    qkv_u = self.und.qkv(x_u, rope_u)
-    qkv_g = self.gen.qkv(x_g, rope_g)
-    (a_u, a_g), extra = attend(qkv_u, qkv_g, extra)
-    return self.und.finish(x_u, a_u), self.gen.finish(x_g, a_g), extra
+    # named scopes: the profile breakdown of benchmarks/ (projections + MLP vs attention)
+    with jax.named_scope('layers'):
+      qkv_u = self.und.qkv(x_u, rope_u)
+      qkv_g = self.gen.qkv(x_g, rope_g)
+    with jax.named_scope('attention'):
+      (a_u, a_g), extra = attend(qkv_u, qkv_g, extra)
+    with jax.named_scope('layers'):
+      return self.und.finish(x_u, a_u), self.gen.finish(x_g, a_g), extra
 
 
 class MoTDecoder(nnx.Module):
@@ -100,7 +104,19 @@ class MoTDecoder(nnx.Module):
 
   def __call__(self, x_u, x_g, rope_u: Rope, rope_g: Rope, attend: AttendFn, layer_xs=None):
     """Runs all layers. `layer_xs` is an optional pytree with a leading layers axis handed to
-    `attend` per layer (e.g. a KV cache); returns (h_u, h_g, stacked outputs of attend)."""
+    `attend` per layer (e.g. a KV cache); returns (h_u, h_g, stacked outputs of attend).
+
+    Inference may replace `self.layers` by an `nnx.List` of per-layer modules (the stack cut
+    once, infer/context.py `prepare`): then the layers run unrolled, `layer_xs` is a sequence
+    with one entry per layer and the outputs of attend are returned as a list."""
+    if isinstance(self.layers, nnx.List):
+      ys = []
+      for i, layer in enumerate(self.layers):
+        x_u, x_g, y = layer(x_u, x_g, rope_u, rope_g, attend,
+                            None if layer_xs is None else layer_xs[i])
+        ys.append(y)
+      return self.norm(x_u), self.norm_moe_gen(x_g), ys
+
     def body(layer, carry, extra):
       x_u, x_g = carry
       x_u, x_g, extra = layer(x_u, x_g, rope_u, rope_g, attend, extra)

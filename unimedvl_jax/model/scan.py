@@ -55,11 +55,15 @@ def remat_policy(remat: str):
   raise ValueError(f'unknown remat policy {remat!r}; choose from {REMAT_POLICIES}')
 
 
-def maybe_remat(fn: Callable, remat: str) -> Callable:
-  """Wraps `fn` in `jax.checkpoint` with the named policy ('none' returns fn unchanged)."""
+def maybe_remat(fn: Callable, remat: str, prevent_cse: bool = True) -> Callable:
+  """Wraps `fn` in `jax.checkpoint` with the named policy ('none' returns fn unchanged).
+
+  prevent_cse=False is right (and faster) for the body of a `lax.scan`: a scan already keeps the
+  rematerialised forward from being CSE'd with the original one, and the CSE barriers would
+  only block fusion inside the body."""
   if remat == 'none':
     return fn
-  return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=True)
+  return jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=prevent_cse)
 
 
 def num_stacked(layers: nnx.Module) -> int:
@@ -88,7 +92,7 @@ def scan_layers(layers: nnx.Module, body_fn: Callable[[nnx.Module, Any, Any], tu
     layer_state, x = inp
     return body_fn(nnx.merge(graphdef, layer_state), c, x)
 
-  step = maybe_remat(step, remat)
+  step = maybe_remat(step, remat, prevent_cse=not scan)
   if scan:
     return jax.lax.scan(step, carry, (state, xs), length=n)
   ys = []

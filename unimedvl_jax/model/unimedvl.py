@@ -6,6 +6,7 @@ knows the mesh shape; activations are constrained through `unimedvl_jax.sharding
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import jax
@@ -17,7 +18,7 @@ from unimedvl_jax.batch import TOKEN_VIT
 from unimedvl_jax.model import attention as attn_lib
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.embeddings import Connector, PositionTable, TimestepEmbedder
-from unimedvl_jax.model.layers import Linear, make_param, normal_init, rope_cos_sin, to_dtype
+from unimedvl_jax.model.layers import Linear, dense, make_param, normal_init, rope_cos_sin, to_dtype
 
 
 class LossOutput(NamedTuple):
@@ -49,8 +50,9 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, mask: j
                           chunk: int, dtype) -> jax.Array:
   """sum(mask * CE(h @ w, labels)) without materialising all logits at once.
 
-  h [B, n, H], w [H, V], labels/mask [B, n]. Logits are computed per chunk of tokens in `dtype`
-  and reduced in float32; each chunk is rematerialised in the backward pass.
+  h [B, n, H] (the label rows only), w [H, V], labels/mask [B, n]. Logits are computed per chunk
+  of rows with compute-dtype operands and float32 accumulation (`layers.dense`), reduced in
+  float32; each chunk is rematerialised in the backward pass.
   """
   Hd = h.shape[-1]
   hf = h.reshape(-1, Hd)
@@ -71,7 +73,7 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, mask: j
   @jax.checkpoint
   def one(args):
     hh, ll, mm = args
-    logits = jnp.dot(hh.astype(dtype), wd).astype(jnp.float32)
+    logits = dense(hh.astype(dtype), wd)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, ll[:, None], axis=-1)[:, 0]
     return jnp.sum((lse - tgt) * mm)
@@ -81,12 +83,45 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, mask: j
   return jnp.sum(jax.lax.map(one, (hc, lc, mc)))
 
 
-def packed_attend(perm, inv, meta, U: int, impl: str):
+def _pixels_to_unit(x: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1], exactly data.images.to_unit_range: (x/255 - 0.5)/0.5."""
+  return (x.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def _ext(a: jax.Array, fill=0) -> jax.Array:
+  """[B, T, ...] -> [B, T + 1, ...] with `fill` at index T (the padding index of position lists)."""
+  pad = jnp.full((a.shape[0], 1) + a.shape[2:], fill, a.dtype)
+  return jnp.concatenate([a, pad], axis=1)
+
+
+def vae_bucket_keys(batch) -> list[str]:
+  """The pixel-bucket arrays of a batch ('vae_{h}x{w}'), in the order of the latent_src table:
+  by (h, w), as batch.Geometry.vae_buckets orders them."""
+  sizes = {k: tuple(int(x) for x in m.groups()) for k in batch
+           if (m := re.fullmatch(r'vae_(\d+)x(\d+)', k))}
+  return sorted(sizes, key=sizes.get)
+
+
+def packed_attend(perm, inv, meta, U: int, impl: str, block: int = 64):
   """The decoder's attention for a packed sequence whose experts run on permuted streams.
 
-  q/k/v of the two experts are concatenated (expert order), gathered into sequence order for
-  the one shared attention, and the output is gathered back and split [:U] / [U:].
+  q/k/v of the two experts are concatenated (expert order: the understanding stream, then the
+  generation stream). Backends that take any token order (the blocked and the dense XLA
+  attention) run on that order directly, with the permuted metadata and each token's sequence
+  index; the others (Pallas) get q/k/v gathered into sequence order and the output gathered back.
+  The output is split [:U] / [U:].
   """
+  if attn_lib.resolve_impl(impl) in attn_lib.ANY_ORDER_IMPLS:
+    pmeta = tuple(_take_rows(a, perm) for a in meta)
+    # one work list for every layer (computed here, outside the decoder's layer scan)
+    plan = attn_lib.attention_plan(*pmeta, perm, impl=impl, block=block)
+
+    def attend(qkv_u, qkv_g, extra):
+      q, k, v = (jnp.concatenate([a, b], axis=1) for a, b in zip(qkv_u, qkv_g))
+      o = attn_lib.attention(q, k, v, *pmeta, perm, impl=impl, block=block, plan=plan)
+      return (o[:, :U], o[:, U:]), extra
+    return attend
+
   def attend(qkv_u, qkv_g, extra):
     to_seq = lambda a, b: _take_rows(jnp.concatenate([a, b], axis=1), inv)
     q, k, v = (to_seq(a, b) for a, b in zip(qkv_u, qkv_g))
@@ -108,10 +143,12 @@ class UniMedVL(nnx.Module):
     self.head_dim = llm.head_dim
     self.rope_theta = float(llm.rope_theta)
     self.attention_impl = cfg_model.attention_impl
+    self.attention_block = int(cfg_model.get('attention_block', 64))
     self.ce_chunk = int(cfg_model.get('ce_chunk', 8192))
     self.latent_patch = cfg_model.latent_patch_size
     self.latent_channels = cfg_model.vae.z_channels
     latent_dim = self.latent_patch ** 2 * self.latent_channels
+    self.latent_dim = latent_dim
 
     self.embed_tokens = make_param(rngs, normal_init(cfg_model.init_std), (llm.vocab_size, H),
                                    ('vocab', 'embed'), to_dtype(pdt))
@@ -157,20 +194,40 @@ class UniMedVL(nnx.Module):
   def rope(self, positions: jax.Array) -> Rope:
     return Rope(*rope_cos_sin(positions, self.head_dim, self.rope_theta))
 
-  def encode_latent_tokens(self, images, latent_image, latent_patch, rng) -> jax.Array:
-    """Frozen VAE: pixel slots [B, N, S, S, 3] -> clean latent tokens x0 [B, L, 64] (float32)."""
-    B, N, S = images.shape[:3]
-    z = self.vae.encode(images.reshape(B * N, S, S, 3), rng)
+  def bucket_latent_moments(self, batch) -> tuple[jax.Array, jax.Array]:
+    """Frozen VAE on the batch's pixel buckets, each image at its own size -> the posterior's
+    (mean, logvar) of every latent token, float32 [B, L, D] each (gathered by latent_src)."""
     from unimedvl_jax.model.vae import patchify
-    tok = patchify(z, self.latent_patch)                          # [B*N, (S/16)^2, 64]
-    tok = tok.reshape(B, N, tok.shape[1], tok.shape[2]).astype(jnp.float32)
-    x0 = jax.vmap(lambda zt, im, pa: zt[im, pa])(tok, latent_image, latent_patch)
-    return jax.lax.stop_gradient(x0)
+    means, logvars = [], []
+    for key in vae_bucket_keys(batch):
+      px = batch[key]
+      B, n, h, w = px.shape[:4]
+      mean, logvar = self.vae.encode_moments(_pixels_to_unit(px.reshape(B * n, h, w, 3)))
+      tok = lambda z: patchify(z, self.latent_patch).reshape(B, -1, self.latent_dim)
+      means.append(tok(mean))
+      logvars.append(tok(logvar))
+    src = batch['latent_src'][..., None]
+    pick = lambda parts: jnp.take_along_axis(jnp.concatenate(parts, axis=1), src, axis=1)
+    return jax.lax.stop_gradient(pick(means)), jax.lax.stop_gradient(pick(logvars))
+
+  def clean_latents(self, batch, noise: jax.Array) -> jax.Array:
+    """x0 [B, L, D] float32: the latent tokens sampled from the VAE posterior with the given
+    standard-normal token noise, from the cached moments or from the pixels."""
+    if 'latent_mean' in batch:
+      mean, logvar = batch['latent_mean'], batch['latent_logvar']
+    else:
+      mean, logvar = self.bucket_latent_moments(batch)
+    return jax.lax.stop_gradient(self.vae.sample_tokens(mean, logvar, noise))
 
   # ---------------------------------------------------------------------------- training pass
 
-  def forward(self, batch, rng, timestep_shift: float = 1.0):
-    """Packed batch -> (h_u [B,U,H], h_g [B,L,H], velocity target [B,L,64])."""
+  def forward(self, batch, rng, timestep_shift: float = 1.0, *, noise=None, timesteps=None):
+    """Packed batch -> (h_u [B,U,H], h_g [B,L,H], velocity target [B,L,D]).
+
+    Reproducibility: `noise` = {'vae': [B, L, D], 'flow': [B, L, D]} standard-normal token noise
+    of the posterior sample and of x_t (drawn from `rng` where missing); `timesteps` [B, N] the
+    per-image normal draws n (t = sigmoid(n), then the shift), as the reference's packed
+    timesteps."""
     input_ids = batch['input_ids']
     B, T = input_ids.shape
     und_idx, gen_idx = batch['und_idx'], batch['gen_idx']
@@ -182,51 +239,68 @@ class UniMedVL(nnx.Module):
     # understanding stream: text/marker embeddings, ViT tokens scattered in
     x_u = self.embed_text(_take_rows(input_ids, und_idx))
     if self.has_vit and batch['vit_patches'].shape[1] > 0:
-      vit_tok = self.embed_vit(batch['vit_patches'], batch['vit_segment_ids'], batch['vit_pos_ids'])
-      inv_ext = jnp.concatenate([inv, jnp.full((B, 1), U, inv.dtype)], axis=1)
-      dest = _take_rows(inv_ext, batch['vit_token_idx'])           # U (dropped) for padding
+      patches = _pixels_to_unit(batch['vit_patches'])
+      with jax.named_scope('vit'):
+        vit_tok = self.embed_vit(patches, batch['vit_segment_ids'], batch['vit_pos_ids'])
+      dest = _take_rows(_ext(inv, U), batch['vit_token_idx'])      # U (dropped) for padding
       x_u = jax.vmap(lambda x, d, v: x.at[d].set(v.astype(x.dtype), mode='drop'))(x_u, dest, vit_tok)
     x_u = sharding.shard(x_u, ('batch', 'length', 'act_embed'))
 
     # generation stream: noised / clean latent tokens
     k_vae, k_t, k_eps = jax.random.split(rng, 3)
+    noise = dict(noise or {})
     if L > 0:
-      x0 = self.encode_latent_tokens(batch['vae_images'], batch['latent_image'],
-                                     batch['latent_patch'], k_vae)
-      N = batch['vae_images'].shape[1]
-      t_img = jax.nn.sigmoid(jax.random.normal(k_t, (B, N), jnp.float32))
-      t_img = shift_timesteps(t_img, timestep_shift)
+      D = self.latent_dim
+      n_vae = noise.get('vae')
+      if n_vae is None:
+        n_vae = jax.random.normal(k_vae, (B, L, D), jnp.float32)
+      with jax.named_scope('vae'):
+        x0 = self.clean_latents(batch, n_vae)
+      N = batch['vae_image_noised'].shape[1]
+      if timesteps is None:
+        timesteps = jax.random.normal(k_t, (B, N), jnp.float32)
+      t_img = shift_timesteps(jax.nn.sigmoid(timesteps.astype(jnp.float32)), timestep_shift)
       t_tok = jnp.take_along_axis(t_img, batch['latent_image'], axis=1) * batch['latent_noised']
-      eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+      eps = noise.get('flow')
+      if eps is None:
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
       x_t = (1.0 - t_tok[..., None]) * x0 + t_tok[..., None] * eps
       target = eps - x0
       x_g = self.embed_latents(x_t, t_tok, batch['latent_pos_ids'])
     else:
-      target = jnp.zeros((B, 0, self.latent_patch ** 2 * self.latent_channels), jnp.float32)
+      target = jnp.zeros((B, 0, self.latent_dim), jnp.float32)
       x_g = jnp.zeros((B, 0, self.hidden_size), self.dtype)
     x_g = sharding.shard(x_g, ('batch', 'length', 'act_embed'))
 
     rope_u = self.rope(_take_rows(positions, und_idx))
     rope_g = self.rope(_take_rows(positions, gen_idx))
     meta = (batch['segment_ids'], batch['split_ids'], batch['split_modes'])
-    attend = packed_attend(perm, inv, meta, U, self.attention_impl)
+    attend = packed_attend(perm, inv, meta, U, self.attention_impl, self.attention_block)
     h_u, h_g, _ = self.decoder(x_u, x_g, rope_u, rope_g, attend)
     return h_u, h_g, target
 
   def __call__(self, batch, rng, *, ce_weight=1.0, mse_weight=1.0, timestep_shift=1.0,
-               ce_denominator=None, mse_denominator=None) -> LossOutput:
+               ce_denominator=None, mse_denominator=None, noise=None, timesteps=None
+               ) -> LossOutput:
     """Training losses of SPEC section 4.
 
     Both losses are SUMS over tokens divided by a GLOBAL token count: by default the counts of
     this (global) batch; pass the step's totals when accumulating gradients over micro-batches.
+    The CE runs lm_head on the label rows only (`label_pos`).
     """
-    h_u, h_g, target = self.forward(batch, rng, timestep_shift)
-    und_idx = batch['und_idx']
-    labels = _take_rows(batch['label_ids'], und_idx)
-    mask = _take_rows(batch['loss_mask'], und_idx).astype(jnp.float32)
+    h_u, h_g, target = self.forward(batch, rng, timestep_shift, noise=noise,
+                                    timesteps=timesteps)
+    # CE rows: sequence positions -> rows of the understanding stream (XLA CSEs this with the
+    # forward's identical inverse permutation)
+    inv = inverse_permutation(jnp.concatenate([batch['und_idx'], batch['gen_idx']], axis=1))
+    pos = batch['label_pos']                                      # [B, C], T = padding
+    rows = jnp.minimum(_take_rows(_ext(inv), pos), h_u.shape[1] - 1)
+    labels = _take_rows(_ext(batch['label_ids']), pos)
+    mask = _take_rows(_ext(batch['loss_mask']), pos).astype(jnp.float32)
     ce_tokens = jnp.sum(mask)
-    ce_sum = chunked_cross_entropy(h_u, self.lm_head.kernel[...], labels, mask, self.ce_chunk,
-                                   self.dtype)
+    with jax.named_scope('lm_head_ce'):
+      ce_sum = chunked_cross_entropy(_take_rows(h_u, rows), self.lm_head.kernel[...], labels,
+                                     mask, self.ce_chunk, self.dtype)
     if h_g.shape[1] > 0:
       pred = self.velocity(h_g)
       mse_mask = batch['latent_noised'] * batch['latent_mask']

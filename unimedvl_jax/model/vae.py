@@ -291,16 +291,40 @@ class AutoEncoder(nnx.Module):
     moments = self.encoder(x).astype(jnp.float32)
     return moments[..., :self.z_channels], moments[..., self.z_channels:]
 
-  def encode(self, x, rng):
-    """Samples z = mean + exp(logvar / 2) * noise, then returns scale * (z - shift), float32."""
+  def encode(self, x, rng=None, *, noise=None):
+    """Samples z = mean + exp(logvar / 2) * noise, then returns scale * (z - shift), float32.
+
+    noise: the standard-normal draw to use, shaped like the latent [B, H/f, W/f, z] (e.g. the
+    reference's own draw, for reproducibility); without it, it is drawn from `rng`."""
     mean, logvar = self.encode_moments(x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
+    if noise is None:
+      if rng is None:
+        raise ValueError('AutoEncoder.encode: pass rng or noise')
+      noise = jax.random.normal(rng, mean.shape, jnp.float32)
+    elif tuple(noise.shape) != tuple(mean.shape):
+      raise ValueError(f'AutoEncoder.encode: noise has shape {tuple(noise.shape)}, the latent '
+                       f'{tuple(mean.shape)}')
+    z = mean + jnp.exp(0.5 * logvar) * jnp.asarray(noise, jnp.float32)
     return self.scale_factor * (z - self.shift_factor)
 
   def encode_mean(self, x):
     """The distribution's mean, scaled: scale * (mean - shift), float32."""
     mean, _ = self.encode_moments(x)
     return self.scale_factor * (mean - self.shift_factor)
+
+  def encode_token_moments(self, x, latent_patch: int):
+    """Images [B, H, W, 3] in [-1, 1] -> the posterior's (mean, logvar) in token layout,
+    float32 [B, (H/f/p)*(W/f/p), p*p*z] each (`patchify` of the moments; unscaled)."""
+    mean, logvar = self.encode_moments(x)
+    return patchify(mean, latent_patch), patchify(logvar, latent_patch)
+
+  def sample_tokens(self, mean, logvar, noise):
+    """Token-layout moments + standard-normal noise (same shape) -> scaled latent tokens:
+    scale * (mean + exp(logvar / 2) * noise - shift), float32. Elementwise, so it equals
+    `patchify(encode(x))` for the patchified noise; training (from pixels or from the latent
+    cache) and inference sample through this one function."""
+    z = mean + jnp.exp(0.5 * logvar) * noise
+    return self.scale_factor * (z - self.shift_factor)
 
   def decode(self, z):
     """Scaled latents [B, h, w, z] -> images [B, h*f, w*f, 3] float32 (not clipped)."""
@@ -313,11 +337,15 @@ class AutoEncoder(nnx.Module):
 def patchify(z, p: int = 2):
   """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C]: tokens row-major over the patch grid, each
   token flattened in (patch row, patch col, channel) order, channel fastest (BAGEL's
-  `einsum('chpwq->hwpqc')` of a [C, H, W] latent)."""
+  `einsum('chpwq->hwpqc')` of a [C, H, W] latent). An odd-size latent (H or W not a multiple of
+  p, e.g. an image whose side is a multiple of 8 but not of 16) loses its last row / column, like
+  BAGEL's `latent[:, :h * p, :w * p]` with h = H // p."""
   *lead, H, W, C = z.shape
-  if H % p or W % p:
-    raise ValueError(f'patchify: spatial shape {(H, W)} is not a multiple of p={p}')
   h, w = H // p, W // p
+  if h < 1 or w < 1:
+    raise ValueError(f'patchify: spatial shape {(H, W)} is smaller than one {p}x{p} patch')
+  if H % p or W % p:
+    z = z[..., :h * p, :w * p, :]
   n = len(lead)
   x = z.reshape(*lead, h, p, w, p, C)
   x = jnp.moveaxis(x, n + 2, n + 1)          # [..., h, w, p(row), p(col), C]

@@ -92,6 +92,12 @@ class SiglipEmbeddings(nnx.Module):
     return x + pos.astype(self.dtype)
 
 
+def vit_meta(segment_ids):
+  """ViT attention metadata: one split per pack, mode full (bidirectional inside each image =
+  segment, nothing across)."""
+  return segment_ids, jnp.zeros_like(segment_ids), jnp.full_like(segment_ids, attn_lib.MODE_FULL)
+
+
 class SiglipAttention(nnx.Module):
 
   def __init__(self, cfg_model, *, rngs: nnx.Rngs):
@@ -107,16 +113,13 @@ class SiglipAttention(nnx.Module):
     self.head_dim = D // v.num_heads
     self.impl = cfg_model.attention_impl
 
-  def __call__(self, x, segment_ids):
+  def __call__(self, x, segment_ids, plan=None):
     B, P, _ = x.shape
     shape = (B, P, self.num_heads, self.head_dim)
     q = self.q_proj(x).reshape(shape)
     k = self.k_proj(x).reshape(shape)
     v = self.v_proj(x).reshape(shape)
-    # One split per pack, mode full: bidirectional inside each image (segment), none across.
-    split_ids = jnp.zeros_like(segment_ids)
-    split_modes = jnp.full_like(segment_ids, attn_lib.MODE_FULL)
-    o = attn_lib.attention(q, k, v, segment_ids, split_ids, split_modes, impl=self.impl)
+    o = attn_lib.attention(q, k, v, *vit_meta(segment_ids), impl=self.impl, plan=plan)
     return self.out_proj(o.reshape(B, P, self.num_heads * self.head_dim))
 
 
@@ -135,8 +138,8 @@ class SiglipEncoderLayer(nnx.Module):
                        init_std=cfg_model.init_std, axes_in=('vit_embed', 'vit_mlp'),
                        axes_out=('vit_mlp', 'vit_embed'))
 
-  def __call__(self, x, segment_ids):
-    x = x + self.self_attn(self.layer_norm1(x), segment_ids).astype(x.dtype)
+  def __call__(self, x, segment_ids, plan=None):
+    x = x + self.self_attn(self.layer_norm1(x), segment_ids, plan).astype(x.dtype)
     x = x + self.mlp(self.layer_norm2(x)).astype(x.dtype)
     return x
 
@@ -149,10 +152,14 @@ class SiglipEncoder(nnx.Module):
                                cfg_model.vit.num_layers, rngs)
     self.remat = cfg_model.remat
     self.scan = bool(cfg_model.scan_layers)
+    self.impl = cfg_model.attention_impl
 
   def __call__(self, x, segment_ids):
+    # the attention's work list once for every layer (outside the scan)
+    plan = attn_lib.attention_plan(*vit_meta(segment_ids), impl=self.impl)
+
     def body(layer, h, _):
-      return layer(h, segment_ids), None
+      return layer(h, segment_ids, plan), None
     x, _ = scan_layers(self.layers, body, x, remat=self.remat, scan=self.scan)
     return x
 

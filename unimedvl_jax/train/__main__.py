@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,8 +28,14 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
+  from unimedvl_jax.train.checkpoint import CheckpointError
   from unimedvl_jax.train.loop import train
-  summary = train(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
+  from unimedvl_jax.train.workdir import WorkdirBusyError
+  try:
+    summary = train(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
+  except (CheckpointError, WorkdirBusyError) as e:   # one clear line, no traceback
+    print(f'{type(e).__name__}: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   print(json.dumps({'train': summary}, default=str))
   if FLAGS.evaluate and not summary.get('preempted'):
     from unimedvl_jax.eval.report import evaluate_workdir

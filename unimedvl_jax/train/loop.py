@@ -28,6 +28,7 @@ from unimedvl_jax import profiling, sharding
 from unimedvl_jax.config import stage_train_config, validate
 from unimedvl_jax.train import step as step_lib
 from unimedvl_jax.train.checkpoint import Checkpointer, CheckpointError, config_to_json
+from unimedvl_jax.train.workdir import WorkdirLock
 
 
 class NonFiniteError(RuntimeError):
@@ -92,10 +93,11 @@ class MetricsWriter:
       return
     with open(self.path, 'a') as f:
       f.write(json.dumps(rec) + '\n')
-    if self.tb is not None:
+    if self.tb is not None:   # tags '<stage>/<metric>': one TensorBoard section per stage
+      stage = rec.get('stage') or 'train'
       for k, v in rec.items():
         if isinstance(v, (int, float)) and k != 'step':
-          self.tb.add_scalar(k, v, rec['step'])
+          self.tb.add_scalar(f'{stage}/{k}', v, rec['step'])
 
   def close(self):
     if self.tb is not None:
@@ -106,6 +108,104 @@ def _host_batch_to_global(batch: dict, b_sh: dict):
   if jax.process_count() == 1:
     return {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
   return {k: jax.make_array_from_process_local_data(b_sh[k], v) for k, v in batch.items()}
+
+
+class DevicePrefetch:
+  """Global device batches `depth` steps ahead of the train step, from a background thread.
+
+  Each item is (device batch, host token count, the data iterator's state right after that
+  batch): a checkpoint saves the state of the batches the step has consumed, not of the ones
+  prefetched. The thread produces at most `limit` batches (the rest of the stage); an exception
+  in it (a DataError) is raised in the consumer at the batch where it happened.
+  """
+
+  def __init__(self, it, b_sh: dict, depth: int, limit: int, scale_tokens: int = 1):
+    import queue
+    import threading
+    self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+
+    def run():
+      try:
+        for _ in range(limit):
+          if self._stop.is_set():
+            return
+          host = next(it)
+          toks = int(np.sum(host['segment_ids'] > 0)) * scale_tokens
+          item = (_host_batch_to_global(host, b_sh), toks, it.get_state())
+          while not self._stop.is_set():
+            try:
+              self._q.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+      except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        self._q.put(e)
+
+    self._thread = threading.Thread(target=run, name='device-prefetch', daemon=True)
+    self._thread.start()
+
+  def __next__(self):
+    item = self._q.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._q.get(timeout=0.05)
+      except Exception:  # noqa: BLE001 - empty queue
+        pass
+    self._thread.join()
+
+
+def _log_record(step, stage_name, ms: list, dt, toks, flops, peak, nonfinite, it_stats) -> dict:
+  """The metrics.jsonl record of a log interval: means of the interval's device metrics (fetched
+  here, one host sync per log interval) and the host-side throughput."""
+  host = jax.device_get(ms)
+  mean = lambda k: float(np.mean([m[k] for m in host if bool(m['ok'])] or [np.nan]))
+  rec = {'step': step, 'stage': stage_name or 'train',
+         'loss': mean('loss'), 'ce': mean('ce'), 'mse': mean('mse'),
+         'grad_norm': mean('grad_norm'), 'lr': float(host[-1]['lr']),
+         'step_time_s': dt, 'tokens_per_s': toks / max(dt * len(ms), 1e-9),
+         'mfu': flops / dt / peak if dt > 0 else 0.0, 'nonfinite_steps': nonfinite}
+  rec.update({f'data_{k}': v for k, v in it_stats.items() if isinstance(v, (int, float))})
+  return rec
+
+
+def stage_latent_cache(cfg, kind: str, workdir: str, graphdef, state, *, quiet=False) -> str:
+  """The latent cache a stage trains from ('' = pixels), built or checked against the VAE of the
+  current state. data.latent_cache: '' (never), a directory (written by `python -m
+  unimedvl_jax.data cache-latents`; its VAE must be this model's) or 'auto' (WORKDIR/latent_cache,
+  written here from the current VAE before the first stage that uses it, and rewritten when the
+  VAE has changed since, e.g. after a 'vae' stage). A 'vae' stage always trains on pixels."""
+  from unimedvl_jax.data import latent_cache as lc
+  want = cfg.data.get('latent_cache', '')
+  if not want or kind == 'vae' or not cfg.model.vae.enabled or cfg.data.max_latent_tokens == 0:
+    return ''
+  from flax import nnx
+  params = jax.device_get(state['params'])
+  model = nnx.merge(graphdef, params, jax.device_get(state['buffers']))
+  fp = lc.vae_fingerprint(nnx.state(model.vae, nnx.Param))
+  path = os.path.join(workdir, 'latent_cache') if want == 'auto' else want
+  try:
+    cache = lc.LatentCache(path, cfg.data.root, cfg)
+    cache.check_vae(fp)
+    return path
+  except lc.LatentCacheError as e:
+    if want != 'auto':
+      raise
+    if not quiet:
+      print(f'latent cache: (re)building {path} ({e})', flush=True)
+  if jax.process_index() == 0:
+    lc.build(cfg, model, cfg.data.root, path, log=(lambda *a: None) if quiet else print)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('latent_cache')
+  lc.LatentCache(path, cfg.data.root, cfg).check_vae(fp)
+  return path
 
 
 def prepare_data_root(cfg, workdir: str) -> str:
@@ -122,9 +222,15 @@ def prepare_data_root(cfg, workdir: str) -> str:
 
 
 def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = False) -> dict:
-  """Runs (or resumes) the configured training. Returns a summary dict."""
+  """Runs (or resumes) the configured training. Returns a summary dict. Holds the workdir lock
+  (train/workdir.py) throughout: a second run on the same workdir fails at once."""
   validate(cfg)
   sharding.maybe_initialize_distributed()
+  with WorkdirLock(workdir, jax.process_index()):
+    return _train(cfg, workdir, max_steps=max_steps, quiet=quiet)
+
+
+def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
   cfg = cfg.copy_and_resolve_references()
   cfg.data.root = prepare_data_root(cfg, workdir)
@@ -140,7 +246,7 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
   data_state: dict[str, Any] = {}
   step = 0
   if ckpt.latest_step() is not None:
-    step, state, data_state, _ = ckpt.restore(abstract, shardings=st_sh)
+    step, state, data_state, _ = ckpt.restore(abstract, shardings=st_sh, move_bad_aside=True)
     if not quiet:
       print(f'resumed from {ckpt.directory}/{step}', flush=True)
   else:
@@ -150,10 +256,8 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
   writer = MetricsWriter(workdir, step)
   preempt = _Preempted()
   old_handler = signal.signal(signal.SIGTERM, preempt)
-  spec = batch_lib.batch_spec(cfg)
   peak = profiling.measure_matmul_peak(jnp.bfloat16 if cfg.model.dtype == 'bfloat16' else jnp.float32,
                                        n=1024, iters=3)
-  flops = profiling.model_flops_per_step(cfg)['train']
   summary = {'start_step': step, 'stages': []}
   nonfinite = int(np.asarray(state['meta']['nonfinite']))
   stop_at = None if max_steps is None else step + max_steps
@@ -165,10 +269,10 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
 
   saved = {'step': step}
 
-  def save(s, it, stage_name, force=False):
+  def save(s, it_state, stage_name, force=False):
     if saved['step'] == s:
       return
-    ds = {'stage': stage_name, 'iterator': it.get_state() if it is not None else None}
+    ds = {'stage': stage_name, 'iterator': it_state}
     ckpt.save(s, state, data_state=ds, cfg=cfg, force=force)
     saved['step'] = s
 
@@ -179,9 +283,14 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
       tc = stage_train_config(cfg, st['name'])
       if st['kind'] == 'vae':
         tc.freeze = ('vit', 'connector', 'adapters', 'llm')   # only the VAE learns
+      scfg = cfg.copy_and_resolve_references()      # this stage's data source (latent cache)
+      scfg.data.latent_cache = stage_latent_cache(cfg, st['kind'], workdir, graphdef, state,
+                                                  quiet=quiet)
+      spec = batch_lib.batch_spec(scfg)
       # stages with the same static settings share one compiled step (the lr is an argument)
-      key = (st['kind'], json.dumps({k: v for k, v in tc.to_dict().items()
-                                     if k not in STAGE_DYNAMIC_FIELDS}, sort_keys=True, default=str))
+      key = (st['kind'], bool(scfg.data.latent_cache),
+             json.dumps({k: v for k, v in tc.to_dict().items()
+                         if k not in STAGE_DYNAMIC_FIELDS}, sort_keys=True, default=str))
       if key not in compiled:
         fn = step_lib.make_train_step(graphdef, cfg, tc, objective=st['kind'])
         compiled[key] = step_lib.jit_train_step(fn, abstract, mesh, spec)
@@ -189,14 +298,13 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
       # MFU numerator: the LM step's model FLOPs, or the autoencoder's for a 'vae' stage (whose
       # tokens_per_s still counts the packs' tokens, which that objective does not process)
       stage_flops = (profiling.vae_stage_flops_per_step(cfg, slots=step_lib.VAE_SLOTS)
-                     if st['kind'] == 'vae' else flops)
+                     if st['kind'] == 'vae' else profiling.model_flops_per_step(scfg)['train'])
       sched = step_lib.lr_schedule(tc, st['end'] - st['start'])
-      it = pipeline.make_train_iterator(cfg, st['name'], process_index=pidx, process_count=pcount)
+      it = pipeline.make_train_iterator(scfg, st['name'], process_index=pidx, process_count=pcount)
       if data_state and data_state.get('stage') == st['name'] and data_state.get('iterator'):
         it.set_state(data_state['iterator'])
       if cfg.train.dump_hlo:
-        b0 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], s[1]), spec,
-                          is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
+        b0 = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in spec.items()}
         comp = jitted.lower(abstract, b0, jnp.float32(0)).compile()
         profiling.dump_hlo(comp, os.path.join(workdir, 'hlo', f'train_step_{st["name"]}.txt'))
       bar = None
@@ -204,61 +312,67 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
         from tqdm import tqdm
         bar = tqdm(total=st['end'] - st['start'], initial=step - st['start'],
                    desc=f'{st["name"] or "train"}', dynamic_ncols=True)
+      end = st['end'] if stop_at is None else min(st['end'], stop_at)
+      it_state = {'v': it.get_state()}    # from here on only the prefetch thread touches `it`
+      feed = DevicePrefetch(it, b_sh, depth=cfg.data.prefetch, limit=max(0, end - step),
+                            scale_tokens=pcount)
       t_last = time.perf_counter()
-      toks_since, steps_since = 0, 0
-      for s in range(step, st['end']):
-        if stop_at is not None and s >= stop_at:
-          break
-        if s in profile_steps:
-          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        host_batch = next(it)
-        toks_since += int(np.sum(host_batch['segment_ids'] > 0)) * pcount
-        steps_since += 1
-        gb = _host_batch_to_global(host_batch, b_sh)
-        lr = jnp.float32(sched(s - st['start']))
-        state, m = jitted(state, gb, lr)
-        step = s + 1
-        ok = bool(m['ok'])
-        if s in profile_steps:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-        if not ok:
-          nonfinite += 1
-          print(f'WARNING: step {s}: non-finite loss/gradient rejected '
-                f'({nonfinite}/{cfg.train.max_nonfinite_steps})', file=sys.stderr, flush=True)
-          if nonfinite > cfg.train.max_nonfinite_steps:
-            raise NonFiniteError(
-                f'training stopped at step {s}: {nonfinite} non-finite steps exceed '
-                f'train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; the last saved '
-                f'checkpoint in {ckpt.directory} is clean (rejected steps never update the state)')
-        if step % cfg.train.log_every == 0 or step == st['end']:
-          now = time.perf_counter()
-          dt = (now - t_last) / max(steps_since, 1)
-          rec = {'step': step, 'stage': st['name'] or 'train',
-                 'loss': float(m['loss']), 'ce': float(m['ce']), 'mse': float(m['mse']),
-                 'grad_norm': float(m['grad_norm']), 'lr': float(m['lr']),
-                 'step_time_s': dt, 'tokens_per_s': toks_since / max(now - t_last, 1e-9),
-                 'mfu': stage_flops / dt / peak if dt > 0 else 0.0,
-                 'nonfinite_steps': nonfinite}
-          rec.update({f'data_{k}': v for k, v in it.stats().items()
-                      if isinstance(v, (int, float))})
-          writer.write(rec)
-          t_last, toks_since, steps_since = now, 0, 0
+      toks_since, pending_metrics = 0, []
+      try:
+        for s in range(step, end):
+          if s in profile_steps:
+            jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+          gb, toks, it_state['v'] = next(feed)
+          toks_since += toks
+          lr = jnp.float32(sched(s - st['start']))
+          with jax.profiler.StepTraceAnnotation('train', step_num=s + 1):
+            state, m = jitted(state, gb, lr)
+          pending_metrics.append(m)
+          step = s + 1
+          if s in profile_steps:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+          if step % cfg.train.log_every == 0 or step == st['end']:
+            # the one host sync per log interval: metrics and the rejected-step counter
+            oks = [bool(x) for x in jax.device_get([x['ok'] for x in pending_metrics])]
+            first = step - len(oks) + 1
+            for i, ok in enumerate(oks):
+              if not ok:
+                nonfinite += 1
+                print(f'WARNING: step {first + i}: non-finite loss/gradient rejected '
+                      f'({nonfinite}/{cfg.train.max_nonfinite_steps})', file=sys.stderr,
+                      flush=True)
+            if nonfinite > cfg.train.max_nonfinite_steps:
+              raise NonFiniteError(
+                  f'training stopped at step {step}: {nonfinite} non-finite steps exceed '
+                  f'train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; the last saved '
+                  f'checkpoint in {ckpt.directory} is clean (rejected steps never update the '
+                  'state)')
+            now = time.perf_counter()
+            dt = (now - t_last) / max(len(pending_metrics), 1)
+            rec = _log_record(step, st['name'], pending_metrics, dt, toks_since, stage_flops,
+                              peak, nonfinite, pipeline.state_stats(it_state['v']))
+            writer.write(rec)
+            t_last, toks_since, pending_metrics = now, 0, []
+            if bar is not None:
+              bar.set_postfix(loss=f'{rec["loss"]:.3f}', ce=f'{rec["ce"]:.3f}',
+                              mse=f'{rec["mse"]:.3f}')
+            elif not quiet and pidx == 0:
+              print(f'[{rec["stage"]}] step {step} loss {rec["loss"]:.4f} ce {rec["ce"]:.4f} '
+                    f'mse {rec["mse"]:.4f} lr {rec["lr"]:.2e} {dt:.2f}s/step', flush=True)
           if bar is not None:
-            bar.set_postfix(loss=f'{rec["loss"]:.3f}', ce=f'{rec["ce"]:.3f}', mse=f'{rec["mse"]:.3f}')
-          elif not quiet and pidx == 0:
-            print(f'[{rec["stage"]}] step {step} loss {rec["loss"]:.4f} ce {rec["ce"]:.4f} '
-                  f'mse {rec["mse"]:.4f} lr {rec["lr"]:.2e} {dt:.2f}s/step', flush=True)
-        if bar is not None:
-          bar.update(1)
-        if step % cfg.train.checkpoint_every == 0 or step == st['end']:
-          save(step, it, st['name'])
-        if preempt.flag:
-          print(f'SIGTERM: saving step {step} and exiting', file=sys.stderr, flush=True)
-          save(step, it, st['name'], force=True)
-          ckpt.wait()
-          summary['preempted'] = True
-          return summary
+            bar.update(1)
+          ckpt.poll()   # a failed background save stops the run now (CheckpointSaveError)
+          if step % cfg.train.checkpoint_every == 0 or step == st['end']:
+            save(step, it_state['v'], st['name'])
+          if preempt.flag:
+            print(f'SIGTERM: saving step {step} and exiting', file=sys.stderr, flush=True)
+            save(step, it_state['v'], st['name'], force=True)
+            ckpt.wait()
+            summary['preempted'] = True
+            return summary
+      finally:
+        feed.close()
       if bar is not None:
         bar.close()
       if hasattr(it, 'close'):
