@@ -36,7 +36,7 @@ DEFAULT_BLOCK = 64
 
 
 class _Meta(NamedTuple):
-  seg: jax.Array     # [n_blocks, blk] int32 (packs flattened into the block axis)
+  seg: jax.Array     # [B, n_blocks, blk] int32
   split: jax.Array
   mode: jax.Array
   idx: jax.Array
@@ -58,49 +58,55 @@ def _group_mask(mask, G: int):
 
 
 class Plan(NamedTuple):
-  """The work list of one attention call: every (query block, key block) pair to compute, in
-  query-block-major order, padded to whole chunks. Computed once per step from the metadata and
-  shared by every layer that attends over the same tokens."""
-  rows: jax.Array      # [A] int32 query-block index, packs flattened: b * nq + i
-  cols: jax.Array      # [A] int32 key-block index: b * nk + j
-  valid: jax.Array     # [A] bool: a real pair (the tail of the list is padding)
-  n_chunks: jax.Array  # scalar int32: chunks of `chunk` pairs that hold real pairs
-  q_meta: _Meta        # [B * nq, bq] metadata per query block
-  k_meta: _Meta        # [B * nk, bk] metadata per key block
+  """The work lists of one attention call: per pack, every (query block, key block) pair to
+  compute, in query-block-major order, padded to whole chunks. Each pack has its own list (a
+  batch-sharded step computes and walks its packs' lists locally: no collective); the loop runs
+  the longest list's number of chunks. Computed once per step from the metadata and shared by
+  every layer that attends over the same tokens."""
+  rows: jax.Array      # [B, A] int32 query-block index within the pack
+  cols: jax.Array      # [B, A] int32 key-block index within the pack
+  valid: jax.Array     # [B, A] bool: a real pair (the tail of each list is padding)
+  n_chunks: jax.Array  # scalar int32: chunks of `chunk` pairs that hold real pairs (max over packs)
+  q_meta: _Meta        # [B, nq, bq] metadata per query block
+  k_meta: _Meta        # [B, nk, bk] metadata per key block
+
+
+# vmap axes of a Plan: everything per pack except the shared trip count
+_PLAN_AXES = Plan(0, 0, 0, None, _Meta(0, 0, 0, 0), _Meta(0, 0, 0, 0))
 
 
 def make_plan(segment_ids, split_ids, split_modes, token_idx=None, *,
               block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
               chunk: int | None = None) -> tuple[Plan, int]:
   """(plan, chunk) for metadata [B, T] (T padded to the blocks by the caller: see
-  `blocked_attention`). `chunk`: pairs per loop iteration (default: the number of query blocks,
-  B * T / block_q). Work done = (number of computed pairs rounded up to a chunk) x one block."""
+  `blocked_attention`). `chunk`: pairs per pack per loop iteration (default: the number of query
+  blocks of a pack, T / block_q). Work done = B x (longest list rounded up to a chunk) blocks."""
   B, T = segment_ids.shape
   nq, nk = T // block_q, T // block_k
   idx = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if token_idx is None
          else jnp.asarray(token_idx, jnp.int32))
   meta = [jnp.asarray(a, jnp.int32) for a in (segment_ids, split_ids, split_modes)] + [idx]
   cls = block_mask.classify_blocks(*meta[:3], block_q, block_k, token_idx=idx)
-  active = (cls != block_mask.SKIP).reshape(-1)
-  cap = B * nq * nk
-  chunk = int(chunk or B * nq)
+  active = (cls != block_mask.SKIP).reshape(B, nq * nk)
+  cap = nq * nk
+  chunk = int(chunk or nq)
   cap_p = -(-cap // chunk) * chunk
-  flat = jnp.nonzero(active, size=cap, fill_value=0)[0].astype(jnp.int32)
-  n = jnp.sum(active).astype(jnp.int32)
-  b, rem = flat // (nq * nk), flat % (nq * nk)
-  rows, cols = b * nq + rem // nk, b * nk + rem % nk
-  valid = jnp.arange(cap, dtype=jnp.int32) < n
+  flat = jax.vmap(lambda a: jnp.nonzero(a, size=cap, fill_value=0)[0])(active).astype(jnp.int32)
+  n = jnp.sum(active, axis=1).astype(jnp.int32)                      # [B]
+  rows, cols = flat // nk, flat % nk
+  valid = jnp.arange(cap, dtype=jnp.int32)[None, :] < n[:, None]
   padn = cap_p - cap
   if padn:
-    rows, cols = jnp.pad(rows, (0, padn)), jnp.pad(cols, (0, padn))
-    valid = jnp.pad(valid, (0, padn))
-  blocks = lambda a, blk: a.reshape(B * (T // blk), blk)
-  plan = Plan(rows, cols, valid, (n + chunk - 1) // chunk,
+    pad2 = lambda a: jnp.pad(a, ((0, 0), (0, padn)))
+    rows, cols, valid = pad2(rows), pad2(cols), pad2(valid)
+  blocks = lambda a, blk: a.reshape(B, T // blk, blk)
+  plan = Plan(rows, cols, valid, (jnp.max(n) + chunk - 1) // chunk,
               _Meta(*(blocks(a, block_q) for a in meta)), _Meta(*(blocks(a, block_k) for a in meta)))
   return plan, chunk
 
 
 def _chunk(plan: Plan, c, chunk: int):
+  """One pack's c-th chunk: (rows [C], cols [C], mask [C, bq, bk])."""
   sl = lambda a: jax.lax.dynamic_slice_in_dim(a, c * chunk, chunk)
   rows, cols, valid = sl(plan.rows), sl(plan.cols), sl(plan.valid)
   take = lambda a, i: jnp.take(a, i, axis=0)
@@ -109,16 +115,22 @@ def _chunk(plan: Plan, c, chunk: int):
   return rows, cols, _allowed(qm, km) & valid[:, None, None]
 
 
+def _per_pack(body, n_arrays: int):
+  """A loop body over one pack, body(c, carry, plan, *arrays) -> the same body over all packs
+  (the chunk index is shared)."""
+  return jax.vmap(body, in_axes=(None, 0, _PLAN_AXES) + (0,) * n_arrays)
+
+
 def _fwd_core(qh, kh, vh, plan: Plan, chunk: int, scale, G):
-  """qh [R, Hkv, G*bq, D] (R = B * nq query blocks); kh, vh [B * nk, Hkv, bk, D].
-  Returns (o f32 [R, Hkv, M, D], lse f32 [R, Hkv, M]). Online softmax over chunks of pairs; the
-  pairs of a chunk are merged into their rows with segment max / sum."""
-  R, Hkv, M, D = qh.shape
+  """qh [B, nq, Hkv, G*bq, D]; kh, vh [B, nk, Hkv, bk, D]. Returns (o f32 [B, nq, Hkv, M, D],
+  lse f32 [B, nq, Hkv, M]). Online softmax over chunks of pairs; the pairs of a chunk are merged
+  into their rows with segment max / sum."""
+  B, R, Hkv, M, D = qh.shape
   f32 = jnp.float32
 
-  def body(c, carry):
+  def pack_body(c, carry, pl, qh, kh, vh):
     m, l, acc = carry
-    rows, cols, mask = _chunk(plan, c, chunk)
+    rows, cols, mask = _chunk(pl, c, chunk)
     mask = _group_mask(mask, G)                                       # [C, 1, M, bk]
     qb = jnp.take(qh, rows, axis=0)                                   # [C, Hkv, M, D]
     kb, vb = jnp.take(kh, cols, axis=0), jnp.take(vh, cols, axis=0)   # [C, Hkv, bk, D]
@@ -136,8 +148,10 @@ def _fwd_core(qh, kh, vh, plan: Plan, chunk: int, scale, G):
     acc = acc * corr[..., None] + seg(pv)
     return m_new, l, acc
 
-  init = (jnp.full((R, Hkv, M), -jnp.inf, f32), jnp.zeros((R, Hkv, M), f32),
-          jnp.zeros((R, Hkv, M, D), f32))
+  step = _per_pack(pack_body, 3)
+  body = lambda c, carry: step(c, carry, plan, qh, kh, vh)
+  init = (jnp.full((B, R, Hkv, M), -jnp.inf, f32), jnp.zeros((B, R, Hkv, M), f32),
+          jnp.zeros((B, R, Hkv, M, D), f32))
   m, l, acc = jax.lax.fori_loop(0, plan.n_chunks, body, init)
   ok = l > 0
   o = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
@@ -146,15 +160,16 @@ def _fwd_core(qh, kh, vh, plan: Plan, chunk: int, scale, G):
 
 
 def _bwd_core(qh, kh, vh, o, lse, do, plan: Plan, chunk: int, scale, G):
-  R, Hkv, M, D = qh.shape
-  NK = kh.shape[0]
+  B, R, Hkv, M, D = qh.shape
+  NK = kh.shape[1]
   f32 = jnp.float32
-  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)          # [R, Hkv, M]
+  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)          # [B, R, Hkv, M]
   do_c = do.astype(qh.dtype)
 
-  def body(c, carry):
+  def pack_body(c, carry, pl, qh, kh, vh, do_c, lse_delta):
     dq, dk, dv = carry
-    rows, cols, mask = _chunk(plan, c, chunk)
+    lse, delta = lse_delta
+    rows, cols, mask = _chunk(pl, c, chunk)
     mask = _group_mask(mask, G)
     take_r = lambda a: jnp.take(a, rows, axis=0)
     qb, dob, lse_b, delta_b = take_r(qh), take_r(do_c), take_r(lse), take_r(delta)
@@ -171,21 +186,22 @@ def _bwd_core(qh, kh, vh, o, lse, do, plan: Plan, chunk: int, scale, G):
                                preferred_element_type=f32))
     return dq, dk, dv
 
+  step = _per_pack(pack_body, 5)
+  body = lambda c, carry: step(c, carry, plan, qh, kh, vh, do_c, (lse, delta))
   init = (jnp.zeros(qh.shape, f32), jnp.zeros(kh.shape, f32), jnp.zeros(vh.shape, f32))
   dq, dk, dv = jax.lax.fori_loop(0, plan.n_chunks, body, init)
   return dq * scale, dk * scale, dv
 
 
 def _to_heads(q, k, v, bq, bk):
-  """[B, T, Hq, D] / [B, T, Hkv, D] -> head-major blocks, packs flattened into the block axis:
-  q [B * nq, Hkv, G * bq, D], k / v [B * nk, Hkv, bk, D]."""
+  """[B, T, Hq, D] / [B, T, Hkv, D] -> head-major blocks per pack:
+  q [B, nq, Hkv, G * bq, D], k / v [B, nk, Hkv, bk, D]."""
   B, T, Hq, D = q.shape
   Hkv = k.shape[2]
   G = Hq // Hkv
   qh = q.reshape(B, T // bq, bq, Hkv, G, D).transpose(0, 1, 3, 4, 2, 5).reshape(
-      B * (T // bq), Hkv, G * bq, D)
-  kv = lambda a: a.reshape(B, T // bk, bk, Hkv, D).transpose(0, 1, 3, 2, 4).reshape(
-      B * (T // bk), Hkv, bk, D)
+      B, T // bq, Hkv, G * bq, D)
+  kv = lambda a: a.reshape(B, T // bk, bk, Hkv, D).transpose(0, 1, 3, 2, 4)
   return qh, kv(k), kv(v)
 
 
@@ -194,7 +210,7 @@ def _from_q_heads(x, B, T, Hkv, G, bq, D):
 
 
 def _from_kv_heads(x, B, T, Hkv, bk, D):
-  return x.reshape(B, T // bk, Hkv, bk, D).transpose(0, 1, 3, 2, 4).reshape(B, T, Hkv, D)
+  return x.transpose(0, 1, 3, 2, 4).reshape(B, T, Hkv, D)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -283,12 +299,13 @@ def plan_for(segment_ids, split_ids, split_modes, token_idx=None, *,
 def chunk_flops(B: int, T: int, Hq: int, Hkv: int, D: int, block_q: int = DEFAULT_BLOCK,
                 block_k: int = DEFAULT_BLOCK, chunk: int | None = None) -> dict:
   """Matmul FLOPs of ONE chunk of the forward and of the backward loop (T padded to the
-  blocks; chunk default = B * nq pairs). XLA's cost_analysis counts a while body once; a call
+  blocks; `chunk`: pairs per pack, default nq; B packs per iteration). XLA's cost_analysis
+  counts a while body once; a call
   that ran n chunks computed `fixed + n * per_chunk`. Forward: QK^T and PV; backward: QK^T,
   dO V^T, dS K, dS^T Q, P^T dO."""
   mult = max(block_q, block_k)
   Tp = -(-T // mult) * mult
-  chunk = int(chunk or B * (Tp // block_q))
+  chunk = B * int(chunk or Tp // block_q)
   pair = 2.0 * chunk * Hq * block_q * block_k * D          # one [G*bq, D] x [D, bk] per KV head
   return {'fwd': 2 * pair, 'bwd': 5 * pair}
 
