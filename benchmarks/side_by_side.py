@@ -194,6 +194,8 @@ def build_project(kind, kw, data_dir, legacy=False):
   # the baseline runs with its own configs (its tree is the worker's cwd)
   cfg_root = os.getcwd() if legacy else ROOT
   cfg = load_config_file(os.path.join(cfg_root, 'configs', f'{config}.py'), ov)
+  if not legacy:
+    cfg.data.latent_cache = ''     # pixels unless cache=1 (configs/tiny.py's 'auto' is the loop's)
   n = 3
   if kind == 'text':
     batches = _text_batches(cfg, n)      # the baseline's packer has the same interface

@@ -67,6 +67,8 @@ import re
 import time
 from typing import Any
 
+from unimedvl_jax.batch import vae_downsample
+
 # ------------------------------------------------------------------------------ chips
 
 GIB = 1 << 30
@@ -848,7 +850,7 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
   hbm = chip['hbm_gib'] * GIB / per_chip
   mesh_axes = _parse_mesh(mesh, len(devices))
   mesh_obj = sharding.make_mesh(ConfigDict(mesh_axes), devices)
-  px = 8 * int(cfg.model.latent_patch_size)
+  px = vae_downsample(cfg.model) * int(cfg.model.latent_patch_size)
   if image_size % px:
     raise ValueError(f'image_size {image_size} is not a multiple of {px} pixels')
   g = image_size // px

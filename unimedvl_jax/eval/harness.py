@@ -58,6 +58,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from unimedvl_jax.batch import vae_downsample
 from unimedvl_jax.eval import baselines as B
 from unimedvl_jax.eval import metrics as M
 from unimedvl_jax.infer import image as I
@@ -714,7 +715,7 @@ def evaluate(cfg, model, tokenizer, samples: Iterable, *, batch_size: int = 8,
                    editing=flow_editing.describe()),
       image_rules=dict(vit=dict(max=d.vit_max_size, min=d.vit_min_size, stride=cfg.model.vit.patch_size),
                        vae=dict(max=d.vae_max_size, min=d.vae_min_size,
-                                stride=8 * cfg.model.latent_patch_size),
+                                stride=vae_downsample(cfg.model) * cfg.model.latent_patch_size),
                        scoring='generated images vs the target resized by the VAE rule (uint8)'),
       frechet_extractor=type(extractor).__name__,
       frechet_note=('PixelStatsExtractor features: a pixel-statistics Frechet distance, not an '

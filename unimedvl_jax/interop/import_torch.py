@@ -57,6 +57,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from unimedvl_jax.batch import vae_downsample
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.st_io import (DictSource, PrefixStrippedSource,
                                         SafetensorsSource, TensorSource, count_nonfinite,
@@ -435,7 +436,7 @@ def fit_data_to_model(cfg, explicit: Mapping, report: ImportReport, model_where:
   (`explicit`: dotted field -> where it was set) is not changed: that is an error naming the
   field and the model value it conflicts with; other fields are adjusted with a note."""
   d, m = cfg.data, cfg.model
-  tok_px = 8 * m.latent_patch_size
+  tok_px = vae_downsample(m) * m.latent_patch_size
 
   def fix(field, new, why):
     old = d[field]
