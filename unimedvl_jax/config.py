@@ -191,7 +191,8 @@ def default_config() -> ConfigDict:
 
 def stage_defaults() -> ConfigDict:
   return ConfigDict(dict(kind='lm', steps=100, mixture=ConfigDict(), mandatory=(),
-                         train=ConfigDict(), data=ConfigDict()))
+                         train=ConfigDict(), data=ConfigDict(),
+                         lora=False))   # True = train.lora for this stage (the adapters alone)
 
 
 def stage_train_config(cfg, stage: str | None) -> ConfigDict:
@@ -202,6 +203,8 @@ def stage_train_config(cfg, stage: str | None) -> ConfigDict:
       if k not in t:
         raise ConfigError(f'config.curriculum.{stage}.train.{k}: no such train field')
       t[k] = tuple(v) if isinstance(t[k], tuple) and isinstance(v, list) else v
+    if cfg.curriculum[stage].get('lora', False) is True:
+      t.lora = True
   return t
 
 
@@ -429,6 +432,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _require(st.get('kind', 'lm') in ('lm', 'vae'), f'curriculum.{name}.kind',
              f"must be 'lm' or 'vae', got {st.get('kind')!r}")
     _require(int(st.get('steps', 0)) > 0, f'curriculum.{name}.steps', 'must be > 0')
+    _require(isinstance(st.get('lora', False), bool), f'curriculum.{name}.lora',
+             f"must be True or False, got {st.get('lora')!r}")
     st_train = stage_train_config(cfg, name)
     validate_train(st_train, f'curriculum.{name}.train')
     _require(not st_train.get('lora', False) or lora_rank > 0, f'curriculum.{name}.train.lora',

@@ -154,11 +154,17 @@ def test_lora_finetune_lowers_loss_base_bitwise_unchanged(env):
                               after[f'decoder/layers/{e}/q_proj/lora_b'])
 
 
-def test_switch_optimizer_and_checkpoint_stage():
-  from ml_collections import ConfigDict
+def test_switch_optimizer_and_checkpoint_stage(env):
   from unimedvl_jax.train import loop
-  cfg = load_config_file(CFG, TINY)
-  cfg.curriculum.unified.train = ConfigDict({'lora': True})
+  _, _, state, _ = env
+  full = S.switch_optimizer(stage_train_config(env[0], None), state, lora=False)
+  n_sc = sum(1 for x in jax.tree.leaves(full['opt_state']) if x.ndim == 0)
+  assert _size(full['opt_state']) - n_sc == 2 * _size(state['params'])
+  assert full['params'] is state['params'] and full['ema'] is state['ema']
+  cfg = load_config_file(CFG, TINY + ['curriculum.unified.lora=True'])   # the stage field
+  assert stage_train_config(cfg, 'unified').lora and not stage_train_config(cfg, 'instruction').lora
+  with pytest.raises(ConfigError, match=r'curriculum\.vae\.train\.lora'):
+    load_config_file(CFG, TINY + ['curriculum.vae.lora=True'])
   plan = loop.stage_plan(cfg)
   ends = {st['name']: st['end'] for st in plan}
   assert not loop.checkpoint_lora(cfg, plan, 0)
@@ -211,3 +217,46 @@ def test_export_merge_lora(tmp_path, env, capsys):
   import json
   side = json.loads((out / 'unimedvl_config.json').read_text())
   assert side['config']['model']['lora']['rank'] == 0
+
+
+@pytest.mark.slow
+def test_curriculum_switches_lora_on_and_resumes(synthetic_dir, tmp_path):
+  """foundation (full fine-tune) -> unified (train.lora): the base weights leave the LoRA stage
+  bitwise unchanged, the optimizer state shrinks to the adapters, and a run stopped inside the
+  LoRA stage resumes from its own (LoRA-structured) checkpoint."""
+  from ml_collections import ConfigDict
+  from unimedvl_jax.train import loop
+  from unimedvl_jax.train.checkpoint import Checkpointer
+  cfg = load_config_file(CFG, [
+      f'data.root={synthetic_dir}', 'data.batch_size=2', 'data.seq_len=256',
+      'data.max_latent_tokens=64', 'data.max_vit_patches=128', 'data.max_vae_images=4',
+      'data.max_sample_tokens=256', 'model.llm.num_layers=2', 'model.vit.num_layers=1',
+      'model.lora.rank=4', "stages=('foundation','unified')", 'curriculum.foundation.steps=2',
+      'curriculum.unified.steps=3', 'curriculum.unified.mandatory=()', 'train.log_every=1',
+      'train.checkpoint_every=2', 'train.keep_checkpoints=5', 'train.warmup_steps=0'])
+  cfg.curriculum.unified.train = ConfigDict({'lora': True, 'lr': 1e-2})   # the train override
+  wd = str(tmp_path / 'wd')
+  loop.train(cfg, wd, max_steps=4, quiet=True)       # saves 2 (foundation) and 4 (unified)
+  loop.train(cfg, wd, quiet=True)                    # resumes from 4, finishes at 5
+  plan = loop.stage_plan(cfg)
+  ck = Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
+  assert ck.all_steps() == [2, 4, 5]
+  st = {s: ck.restore(loop_abstract(cfg, plan, s), step=s)[1] for s in (2, 5)}
+  ck.close()
+  flat = lambda t: {S.path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(t)}
+  p2, p5 = flat(st[2]['params']), flat(st[5]['params'])
+  for k in p2:
+    if lora.is_adapter_path(k.split('/')):
+      continue
+    assert p2[k].tobytes() == p5[k].tobytes(), k
+  assert any(not np.array_equal(p2[k], p5[k]) for k in p2 if k.endswith('lora_b'))
+  assert not np.any(p2['decoder/layers/und/q_proj/lora_b'])     # the full stage kept them frozen
+  n_ad = sum(v.size for k, v in p2.items() if lora.is_adapter_path(k.split('/')))
+  n_sc = sum(1 for x in jax.tree.leaves(st[5]['opt_state']) if np.ndim(x) == 0)
+  assert _size(st[5]['opt_state']) - n_sc == 2 * n_ad
+  assert _size(st[2]['opt_state']) - n_sc == 2 * sum(v.size for v in p2.values())
+
+
+def loop_abstract(cfg, plan, step):
+  from unimedvl_jax.train import loop
+  return S.abstract_state(cfg, lora=loop.checkpoint_lora(cfg, plan, step))[1]

@@ -37,7 +37,9 @@ def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: 
   want = load_config(config_path)
   try:
     cfg, model = load_model(directory, use_ema=use_ema, cfg=want)
-    lora.merge(model)
+    if lora.lora_modules(model):      # serve the merged weights (the config says so)
+      lora.merge(model)
+      cfg = lora.merged_config(cfg)
     if int8:
       quant.quantize(model)
     return cfg, model

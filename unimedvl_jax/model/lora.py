@@ -14,7 +14,7 @@ Config (`model.lora`, validated in config.py): rank (0 = off), alpha, targets (a
 in each expert Linear's module path, e.g. 'decoder/layers/gen/mlp/down_proj'), experts ('und',
 'gen', 'both'). Training only the adapters is `train.lora=True` (train/step.py: the optimizer
 state then holds the adapters alone); a curriculum stage switches it on with
-`curriculum.<stage>.train.lora=True`.
+`curriculum.<stage>.lora=True` (or `curriculum.<stage>.train.lora=True`).
 
     save_adapters(path, model)  -> a small safetensors file of the adapters alone (+ settings)
     load_adapters(path, model)  -> the adapters put back (shapes and settings checked)

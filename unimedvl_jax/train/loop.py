@@ -312,7 +312,7 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
       lora = bool(tc.get('lora', False))
       _, abstract, st_sh = abstract_for(lora)
       if lora != cur_lora:     # train.lora switched on/off: a fresh optimizer state
-        state = step_lib.switch_optimizer(cfg, state, lora, st_sh)
+        state = step_lib.switch_optimizer(tc, state, lora, st_sh)
         cur_lora = lora
         if not quiet:
           print(f'[{st["name"]}] train.lora={lora}: optimizer state for '

@@ -299,10 +299,11 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
   return train_step
 
 
-def switch_optimizer(cfg, state: dict, lora: bool, shardings=None) -> dict:
-  """The state with a fresh optimizer state for `lora` (adapters alone, or every parameter):
-  what a stage boundary that turns train.lora on or off does. Params and EMA are kept."""
-  tx = make_optimizer(cfg.train)
+def switch_optimizer(tc, state: dict, lora: bool, shardings=None) -> dict:
+  """The state with a fresh optimizer state (of the stage's train config `tc`) for `lora`
+  (adapters alone, or every parameter): what a stage boundary that turns train.lora on or off
+  does. Params and EMA are kept."""
+  tx = make_optimizer(tc)
   init = jax.jit(lambda p: tx.init(optimizer_params(p, lora)),
                  out_shardings=None if shardings is None else shardings['opt_state'])
   return {**state, 'opt_state': init(state['params'])}
