@@ -79,6 +79,22 @@ def model_defaults() -> ConfigDict:
       scan_layers=True,
       init_std=0.02,
       ce_chunk=8192,            # tokens per lm_head chunk in the CE loss (bounds logits memory)
+      lora=lora_defaults(),     # low-rank adapters on the decoder experts (model/lora.py)
+  ))
+
+
+# the decoder projections LoRA targets by default (regex searched in each Linear's module path,
+# e.g. 'decoder/layers/und/q_proj', 'decoder/layers/gen/mlp/down_proj')
+LORA_TARGETS = r'/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$'
+LORA_EXPERTS = ('und', 'gen', 'both')
+
+
+def lora_defaults() -> ConfigDict:
+  return ConfigDict(dict(
+      rank=0,                   # 0 = no adapters; r > 0 adds A [in, r], B [r, out] per target
+      alpha=16.0,               # the adapter's output is scaled by alpha / rank
+      targets=LORA_TARGETS,     # regex over the module paths of the experts' Linear layers
+      experts='both',           # 'und' | 'gen' | 'both'
   ))
 
 
@@ -147,6 +163,8 @@ def train_defaults() -> ConfigDict:
       max_nonfinite_steps=10,
       profile_steps=(),
       dump_hlo=False,
+      lora=False,               # train only the LoRA adapters (needs model.lora.rank > 0); the
+                                # optimizer state then holds the adapters alone
   ))
 
 
@@ -173,7 +191,8 @@ def default_config() -> ConfigDict:
 
 def stage_defaults() -> ConfigDict:
   return ConfigDict(dict(kind='lm', steps=100, mixture=ConfigDict(), mandatory=(),
-                         train=ConfigDict(), data=ConfigDict()))
+                         train=ConfigDict(), data=ConfigDict(),
+                         lora=False))   # True = train.lora for this stage (the adapters alone)
 
 
 def stage_train_config(cfg, stage: str | None) -> ConfigDict:
@@ -184,6 +203,8 @@ def stage_train_config(cfg, stage: str | None) -> ConfigDict:
       if k not in t:
         raise ConfigError(f'config.curriculum.{stage}.train.{k}: no such train field')
       t[k] = tuple(v) if isinstance(t[k], tuple) and isinstance(v, list) else v
+    if cfg.curriculum[stage].get('lora', False) is True:
+      t.lora = True
   return t
 
 
@@ -236,9 +257,31 @@ def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
   _require(m.attention_impl in _ATTN, f'{prefix}.attention_impl',
            f'must be one of {_ATTN}, got {m.attention_impl!r}')
   _require(m.remat in _REMAT, f'{prefix}.remat', f'must be one of {_REMAT}, got {m.remat!r}')
+  validate_lora(m.get('lora', lora_defaults()), f'{prefix}.lora')
   blk = m.get('attention_block', 64)
   _require(isinstance(blk, int) and blk > 0 and blk % 8 == 0, f'{prefix}.attention_block',
            f'must be a positive multiple of 8, got {blk!r}')
+
+
+def validate_lora(lc: ConfigDict, prefix: str = 'model.lora') -> None:
+  import re
+  r = lc.get('rank', 0)
+  _require(_integer(r) and r >= 0, f'{prefix}.rank', f'must be an integer >= 0 (0 = off), got {r!r}')
+  _require(_real(lc.get('alpha')) and lc.alpha > 0, f'{prefix}.alpha',
+           f"must be a finite number > 0, got {lc.get('alpha')!r}")
+  _require(lc.get('experts') in LORA_EXPERTS, f'{prefix}.experts',
+           f"must be one of {LORA_EXPERTS}, got {lc.get('experts')!r}")
+  t = lc.get('targets')
+  _require(isinstance(t, str) and t != '', f'{prefix}.targets',
+           f'must be a non-empty regex string, got {t!r}')
+  try:
+    rx = re.compile(t)
+  except re.error as e:
+    raise ConfigError(f'config.{prefix}.targets: not a valid regex ({e}): {t!r}') from None
+  from unimedvl_jax.model.lora import EXPERT_LINEARS
+  _require(any(rx.search(f'decoder/layers/und/{n}') for n in EXPERT_LINEARS), f'{prefix}.targets',
+           f'{t!r} matches none of the expert projections '
+           f'(decoder/layers/<expert>/{{{", ".join(EXPERT_LINEARS)}}})')
 
 
 def validate_data(d: ConfigDict, model: ConfigDict, prefix: str = 'data') -> None:
@@ -366,6 +409,8 @@ def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
            f'must be a tuple of step numbers >= 0, got {t.profile_steps!r}')
   _require(isinstance(t.dump_hlo, bool), f'{prefix}.dump_hlo',
            f'must be True or False, got {t.dump_hlo!r}')
+  _require(isinstance(t.get('lora', False), bool), f'{prefix}.lora',
+           f"must be True or False, got {t.get('lora')!r}")
 
 
 def validate(cfg: ConfigDict) -> ConfigDict:
@@ -374,6 +419,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   validate_data(cfg.data, cfg.model)
   validate_attention_blocks(cfg.model, cfg.data)
   validate_train(cfg.train)
+  lora_rank = cfg.model.get('lora', lora_defaults()).rank
+  _require(not cfg.train.get('lora', False) or lora_rank > 0, 'train.lora',
+           'needs model.lora.rank > 0 (the adapters to train)')
   for axis in ('data', 'fsdp', 'tensor'):
     v = cfg.mesh[axis]
     _require(isinstance(v, int) and (v == -1 or v >= 1), f'mesh.{axis}',
@@ -384,7 +432,14 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _require(st.get('kind', 'lm') in ('lm', 'vae'), f'curriculum.{name}.kind',
              f"must be 'lm' or 'vae', got {st.get('kind')!r}")
     _require(int(st.get('steps', 0)) > 0, f'curriculum.{name}.steps', 'must be > 0')
-    validate_train(stage_train_config(cfg, name), f'curriculum.{name}.train')
+    _require(isinstance(st.get('lora', False), bool), f'curriculum.{name}.lora',
+             f"must be True or False, got {st.get('lora')!r}")
+    st_train = stage_train_config(cfg, name)
+    validate_train(st_train, f'curriculum.{name}.train')
+    _require(not st_train.get('lora', False) or lora_rank > 0, f'curriculum.{name}.train.lora',
+             'needs model.lora.rank > 0 (the adapters to train)')
+    _require(not (st_train.get('lora', False) and st.get('kind', 'lm') == 'vae'),
+             f'curriculum.{name}.train.lora', "a 'vae' stage trains the autoencoder, not adapters")
   return cfg
 
 

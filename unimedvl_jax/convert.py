@@ -11,7 +11,7 @@
     # model-0000k-of-0000n.safetensors + model.safetensors.index.json) [+ a transformers causal
     # LM of the understanding expert]
     python -m unimedvl_jax.convert export --checkpoint CKPT --out DIR [--dtype bf16|fp32]
-        [--shard-size 5GB] [--no-ema] [--hf-llm-out DIR2] [--tokenizer-dir TOK]
+        [--shard-size 5GB] [--no-ema] [--hf-llm-out DIR2] [--tokenizer-dir TOK] [--merge-lora]
 
 Import: a lone ema.safetensors imports without a VAE (the generation adapters are kept beside the
 model, see interop/import_torch.py); a lone ae.safetensors imports as a VAE checkpoint, which
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='also write the understanding expert as a transformers causal LM here')
   e.add_argument('--tokenizer-dir', default=None,
                  help='tokenizer files to copy (default: CKPT/tokenizer when present)')
+  e.add_argument('--merge-lora', action='store_true',
+                 help='fold the LoRA adapters of a model.lora checkpoint into the base weights '
+                      '(W + alpha/rank * A @ B) and export the merged model')
   return p
 
 
@@ -132,7 +135,8 @@ def _run(args) -> int:
   from unimedvl_jax.interop.export_torch import export_checkpoint
   info = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, use_ema=args.ema,
                            hf_llm_out=args.hf_llm_out, tokenizer_dir=args.tokenizer_dir,
-                           step=args.step, shard_size=args.shard_size)
+                           step=args.step, shard_size=args.shard_size,
+                           merge_lora=args.merge_lora)
   print(json.dumps({'out': args.out, **info}, default=str, indent=1))
   return 0
 

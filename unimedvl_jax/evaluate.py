@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on JSONL data: every task present, metrics + baselines + protocol.
 
     python -m unimedvl_jax.evaluate --checkpoint runs/tiny --data DIR/val/vqa.jsonl,DIR/val/edit.jsonl \
-        --out report.json [--root DIR] [--max-samples 50] [--samples-dir out/samples]
+        --out report.json [--root DIR] [--max-samples 50] [--samples-dir out/samples] [--int8]
 
     python -m unimedvl_jax.evaluate --workdir runs/tiny [--split test] [--max-samples 48]
         [--vqa-samples 384] [--noablation] [--num-steps 20]
@@ -39,6 +39,8 @@ def define_flags():
   flags.DEFINE_integer('num-steps', None, 'override the sampler timesteps (default 50)')
   flags.DEFINE_integer('max-new-tokens', None, 'override every task\'s text budget')
   flags.DEFINE_bool('ema', True, 'use the EMA weights (else the raw params)')
+  flags.DEFINE_bool('int8', False, 'int8 weight-only inference (decoder projections and MLPs, '
+                    'per-output-channel scales; model/quant.py)')
   flags.DEFINE_string('config', None, 'configs/*.py the checkpoint must match (optional)')
   flags.DEFINE_string('tokenizer', None, 'tokenizer file (default: config / data root)')
   flags.DEFINE_string('workdir', None, 'evaluate this training workdir on its data split and '
@@ -57,7 +59,7 @@ FLAGS = flags.FLAGS
 
 def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None, batch_size=8,
         seed=0, num_steps=None, max_new_tokens=None, use_ema=True, config=None, tokenizer=None,
-        log=print) -> dict:
+        int8=False, log=print) -> dict:
   """The CLI as a function (tests call it). Returns the report dict written to `out`."""
   import dataclasses
   from unimedvl_jax.eval import harness
@@ -70,7 +72,7 @@ def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None,
     if not os.path.isfile(f):
       raise FileNotFoundError(f'--data file {f!r} does not exist')
   data_root = root or harness.guess_root(files[0])
-  cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema)
+  cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema, int8=int8)
   tok = load_tokenizer(cfg, tokenizer, data_root)
   samples = harness.load_samples(files, root, log=log)
   kw = {}
@@ -85,6 +87,7 @@ def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None,
                             data_files=files, root=data_root, log=log, **kw)
   report['protocol']['checkpoint'] = os.path.abspath(checkpoint)
   report['protocol']['weights'] = 'ema' if use_ema else 'params'
+  report['protocol']['int8'] = bool(int8)
   report['protocol']['tokenizer'] = getattr(tok, 'path', '')
   report = harness.to_json(report)
   if out:
@@ -99,6 +102,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   from unimedvl_jax.infer.loading import LoadError
+  if FLAGS.workdir and FLAGS.int8:
+    raise app.UsageError('--int8 works with --checkpoint --data --out (the --workdir report is '
+                         "the checkpoint's own)")
   if FLAGS.workdir:
     from unimedvl_jax.data.jsonl import DataError
     from unimedvl_jax.eval.report import evaluate_workdir
@@ -124,7 +130,7 @@ def main(argv):
         max_samples=FLAGS['max-samples'].value, samples_dir=FLAGS['samples-dir'].value,
         batch_size=FLAGS['batch-size'].value, seed=FLAGS.seed,
         num_steps=FLAGS['num-steps'].value, max_new_tokens=FLAGS['max-new-tokens'].value,
-        use_ema=FLAGS.ema, config=FLAGS.config, tokenizer=FLAGS.tokenizer)
+        use_ema=FLAGS.ema, config=FLAGS.config, tokenizer=FLAGS.tokenizer, int8=FLAGS.int8)
   except (LoadError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

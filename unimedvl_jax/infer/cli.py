@@ -8,7 +8,8 @@
         --out mask.png [--prompt "Please segment the lesion."]
 
 Images: PNG / JPEG / DICOM / NIfTI (unimedvl_jax.data.images.load_image; --frame, --slice,
---window for multi-frame DICOM, volumes and CT windows). --mesh data=D,tensor=T runs sharded
+--window for multi-frame DICOM, volumes and CT windows). --int8 runs the decoder's projections and
+MLPs on int8 weights (per-output-channel scales, model/quant.py). --mesh data=D,tensor=T runs sharded
 on D*T devices (weights by the sharding rules, the KV caches over data and tensor). Outputs: PNG for images (with a JSON
 sidecar `OUT.json` holding the settings and any generated text), text or JSON (by --out's
 extension) for answers and reports; without --out the text is printed. Errors (unreadable input,
@@ -33,6 +34,8 @@ def define_flags():
   flags.DEFINE_string('config', None, 'configs/*.py the checkpoint must match (optional)')
   flags.DEFINE_string('tokenizer', None, 'tokenizer file (default: config / data root)')
   flags.DEFINE_bool('ema', True, 'use the EMA weights')
+  flags.DEFINE_bool('int8', False, 'int8 weight-only inference: the decoder projections and MLPs '
+                    'as int8 with per-output-channel scales (model/quant.py)')
   flags.DEFINE_string('image', None, 'input image path(s), comma separated')
   flags.DEFINE_string('question', None, 'vqa: the question')
   flags.DEFINE_string('prompt', None, 'report prompt / generation prompt / edit instruction')
@@ -132,7 +135,7 @@ def flow_settings(mode, *, num_steps=None, cfg_text=None, cfg_img=None, cfg_inte
 def run(mode, checkpoint, *, image=None, question=None, prompt=None, task='editing', size=None,
         out=None, seed=0, think=False, max_new_tokens=None, temperature=0.0, top_p=1.0,
         config=None, tokenizer=None, use_ema=True, frame=None, slice_index=None, window=None,
-        max_input_pixels=64 * 1024 * 1024, mesh=None, **flow_kw) -> dict:
+        max_input_pixels=64 * 1024 * 1024, mesh=None, int8=False, **flow_kw) -> dict:
   """The CLI as a function. Returns the result dict (also written to `out`)."""
   from unimedvl_jax.infer import tasks
   from unimedvl_jax.infer import text as T
@@ -149,7 +152,7 @@ def run(mode, checkpoint, *, image=None, question=None, prompt=None, task='editi
   imgs = read_images(paths, frame=frame, slice_index=slice_index, window=window,
                      max_pixels=max_input_pixels)
   hw = _size(size)
-  cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema)
+  cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema, int8=int8)
   from unimedvl_jax.infer.context import prepare
   model = prepare(model, parse_mesh(mesh) if mesh else None)   # split once, for every request
   tok = load_tokenizer(cfg, tokenizer)
@@ -157,7 +160,7 @@ def run(mode, checkpoint, *, image=None, question=None, prompt=None, task='editi
   ts = T.TextSettings(max_new_tokens=max_new_tokens or budget, temperature=temperature,
                       top_p=top_p)
   res = dict(mode=mode, checkpoint=os.path.abspath(checkpoint), seed=seed, inputs=paths,
-             decoding=ts.describe())
+             decoding=ts.describe(), weights='int8' if int8 else cfg.model.param_dtype)
   if mode == 'vqa':
     res['question'] = question
     res['answer'] = tasks.vqa(cfg=cfg, model=model, tokenizer=tok, images=[imgs],
@@ -213,7 +216,7 @@ def main(argv):
               temperature=FLAGS.temperature, top_p=FLAGS['top-p'].value, config=FLAGS.config,
               tokenizer=FLAGS.tokenizer, use_ema=FLAGS.ema, frame=FLAGS.frame,
               slice_index=FLAGS.slice, window=FLAGS.window,
-              max_input_pixels=FLAGS['max-input-pixels'].value, mesh=FLAGS.mesh,
+              max_input_pixels=FLAGS['max-input-pixels'].value, mesh=FLAGS.mesh, int8=FLAGS.int8,
               num_steps=FLAGS['num-steps'].value, cfg_text=FLAGS['cfg-text'].value,
               cfg_img=FLAGS['cfg-img'].value, cfg_interval=FLAGS['cfg-interval'].value,
               renorm=FLAGS.renorm, renorm_min=FLAGS['renorm-min'].value,

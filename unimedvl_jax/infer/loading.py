@@ -24,15 +24,25 @@ def load_config(path: str | None, overrides=()):
     raise LoadError(f'--config {path}: {e}') from None
 
 
-def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: bool = True):
+def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: bool = True,
+                    int8: bool = False):
   """(cfg, model) from a training workdir or its checkpoints/ folder. With `config_path`, the
-  checkpoint must have been written for the same model config."""
+  checkpoint must have been written for the same model config. LoRA adapters (model.lora) are
+  merged into the base weights (model/lora.py); int8: the decoder's projections and MLPs as
+  int8 weights with per-channel scales (model/quant.py)."""
+  from unimedvl_jax.model import lora, quant
   from unimedvl_jax.train.checkpoint import CheckpointError, load_model
   if not directory or not os.path.exists(directory):
     raise LoadError(f'--checkpoint {directory!r} does not exist')
   want = load_config(config_path)
   try:
-    return load_model(directory, use_ema=use_ema, cfg=want)
+    cfg, model = load_model(directory, use_ema=use_ema, cfg=want)
+    if lora.lora_modules(model):      # serve the merged weights (the config says so)
+      lora.merge(model)
+      cfg = lora.merged_config(cfg)
+    if int8:
+      quant.quantize(model)
+    return cfg, model
   except CheckpointError as e:
     msg = str(e)
     raise LoadError(msg if directory in msg else f'checkpoint {directory}: {msg}') from None

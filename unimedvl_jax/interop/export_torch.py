@@ -449,14 +449,26 @@ def find_adapters_file(checkpoint: str) -> str | None:
 
 def export_checkpoint(checkpoint: str, out: str, *, dtype=None, use_ema: bool = True,
                       hf_llm_out: str | None = None, tokenizer_dir: str | None = None,
-                      step: int | None = None, shard_size=None) -> dict:
+                      step: int | None = None, shard_size=None, merge_lora: bool = False) -> dict:
   """The CLI's `export`: Orbax checkpoint -> BAGEL-layout dir (+ optional HF causal LM dir).
-  A VAE checkpoint (a lone ae.safetensors import) exports to out/ae.safetensors."""
+  A VAE checkpoint (a lone ae.safetensors import) exports to out/ae.safetensors. A checkpoint
+  with LoRA adapters (model.lora) exports only with merge_lora: W + alpha/r * A @ B per adapted
+  projection (model/lora.py), written as the plain model (its config with model.lora.rank 0)."""
   if is_vae_checkpoint(checkpoint):
     return export_vae_checkpoint(checkpoint, out, dtype=dtype)
   check_out_dir(out, shard_size)
-  from unimedvl_jax.train.checkpoint import load_model
+  from unimedvl_jax.model import lora
+  from unimedvl_jax.train.checkpoint import load_config, load_model
+  rank = load_config(checkpoint, step).model.lora.rank
+  if rank > 0 and not merge_lora:
+    raise ValueError(f'checkpoint {checkpoint} has LoRA adapters (model.lora.rank={rank}): pass '
+                     '--merge-lora to fold them into the base weights (the PyTorch layout has no '
+                     'adapter keys)')
   cfg, model = load_model(checkpoint, use_ema=use_ema, step=step)
+  merged = len(lora.lora_modules(model))
+  if merged:
+    lora.merge(model)
+    cfg = lora.merged_config(cfg)
   tok = tokenizer_dir or find_tokenizer_dir(checkpoint)
   adapters = None
   path = find_adapters_file(checkpoint) if not cfg.model.vae.enabled else None
@@ -472,4 +484,6 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype=None, use_ema: bool = 
     info['generation_adapters'] = path
   if hf_llm_out:
     info['hf_llm'] = export_hf_causal_lm(cfg, model, hf_llm_out, dtype=dtype, tokenizer_dir=tok)
+  if merged:
+    info['lora_merged'] = merged
   return info

@@ -171,6 +171,10 @@ class UniMedVL(nnx.Module):
       self.time_embedder = TimestepEmbedder(H, cfg_model.timestep_freq_dim, **kw)
       self.latent_pos_embed = PositionTable(H, cfg_model.max_latent_size, param_dtype=pdt)
 
+    from unimedvl_jax.model import lora
+    if (lc := lora.lora_config(cfg_model)) is not None:   # last: the base init is unchanged
+      lora.add_adapters(self, lc, rngs)
+
   # ----------------------------------------------------------------------- embeddings / heads
 
   def embed_text(self, ids: jax.Array) -> jax.Array:

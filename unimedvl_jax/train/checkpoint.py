@@ -520,7 +520,9 @@ class Checkpointer:
     """Restores onto the structure (and shardings) of `template_state`; tries older steps if the
     requested/latest one is unusable (see the module docstring). Returns (step, state,
     data_state, config_json). move_bad_aside: rename the unusable newer steps to
-    `<step>.unusable` once an older one restored (training resumes and saves those steps anew)."""
+    `<step>.unusable` once an older one restored (training resumes and saves those steps anew).
+    template_state / shardings may be functions of the step (the structure of the state can
+    differ between steps: train.lora keeps the optimizer state of the LoRA adapters alone)."""
     self.poll(block=True)
     steps = [step] if step is not None else self.all_steps()[::-1]
     if not steps:
@@ -528,7 +530,8 @@ class Checkpointer:
     errors, bad = [], []
     for s in steps:
       try:
-        out = self._restore_step(s, template_state, shardings, items)
+        out = self._restore_step(s, template_state(s) if callable(template_state) else template_state,
+                                 shardings(s) if callable(shardings) else shardings, items)
       except CheckpointMismatchError:
         raise
       except CheckpointCorruptError as e:
@@ -687,11 +690,7 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
   """
   from unimedvl_jax.model.unimedvl import UniMedVL
   ck = Checkpointer(directory, async_save=False)
-  s = step if step is not None else ck.latest_step()
-  if s is None:
-    raise CheckpointError(f'no checkpoint found under {directory}')
-  cfg_json = ck.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  ck_cfg = config_from_json(cfg_json)
+  s, ck_cfg = _read_config(ck, directory, step)
   if cfg is not None:
     a, b = config_to_json(cfg)['model'], config_to_json(ck_cfg)['model']
     if a != b:
@@ -710,6 +709,23 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
   model = nnx.merge(graphdef, state[which], state['buffers'])
   ck.close()
   return ck_cfg, model
+
+
+def _read_config(ck, directory, step):
+  s = step if step is not None else ck.latest_step()
+  if s is None:
+    raise CheckpointError(f'no checkpoint found under {directory}')
+  cfg_json = ck.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  return s, config_from_json(cfg_json)
+
+
+def load_config(directory: str, step: int | None = None):
+  """The config of a checkpoint (of its newest step by default), no array read."""
+  ck = Checkpointer(directory, async_save=False)
+  try:
+    return _read_config(ck, directory, step)[1]
+  finally:
+    ck.close()
 
 
 def _flatcfg(d, prefix=''):

@@ -54,6 +54,19 @@ def stage_plan(cfg) -> list[dict]:
   return out
 
 
+def stage_lora(cfg, st: dict) -> bool:
+  return bool(stage_train_config(cfg, st['name']).get('lora', False))
+
+
+def checkpoint_lora(cfg, plan: list[dict], step: int) -> bool:
+  """train.lora of the stage that wrote the checkpoint of `step` (the stage ending at or running
+  through it; the first stage for step 0)."""
+  for st in plan:
+    if st['start'] < step <= st['end']:
+      return stage_lora(cfg, st)
+  return stage_lora(cfg, plan[0] if step <= plan[0]['start'] else plan[-1])
+
+
 class _Preempted:
   def __init__(self):
     self.flag = False
@@ -238,21 +251,36 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
     json.dump(config_to_json(cfg), f, indent=1)
 
   mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, abstract = step_lib.abstract_state(cfg)
-  st_sh = step_lib.state_shardings(abstract, mesh)
+  plan = stage_plan(cfg)
+  # the state's structure depends on train.lora (the optimizer state holds the adapters alone)
+  abstracts: dict = {}
+
+  def abstract_for(lora: bool):
+    if lora not in abstracts:
+      g, a = step_lib.abstract_state(cfg, lora=lora)
+      abstracts[lora] = (g, a, step_lib.state_shardings(a, mesh))
+    return abstracts[lora]
+
+  graphdef, _, _ = abstract_for(stage_lora(cfg, plan[0]))
   ckpt = Checkpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
                       save_interval_steps=1, async_save=True)
 
   data_state: dict[str, Any] = {}
   step = 0
   if ckpt.latest_step() is not None:
-    step, state, data_state, _ = ckpt.restore(abstract, shardings=st_sh, move_bad_aside=True)
+    # each step is restored onto the structure of the stage that wrote it
+    step, state, data_state, _ = ckpt.restore(
+        lambda s: abstract_for(checkpoint_lora(cfg, plan, s))[1],
+        shardings=lambda s: abstract_for(checkpoint_lora(cfg, plan, s))[2], move_bad_aside=True)
     if not quiet:
       print(f'resumed from {ckpt.directory}/{step}', flush=True)
   else:
-    init = jax.jit(lambda: step_lib.init_state(cfg)[1], out_shardings=st_sh)
+    lora0 = stage_lora(cfg, plan[0])
+    init = jax.jit(lambda: step_lib.init_state(cfg, lora=lora0)[1],
+                   out_shardings=abstract_for(lora0)[2])
     state = init()
   step = int(step)
+  cur_lora = checkpoint_lora(cfg, plan, step)
   writer = MetricsWriter(workdir, step)
   preempt = _Preempted()
   old_handler = signal.signal(signal.SIGTERM, preempt)
@@ -277,10 +305,18 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
     saved['step'] = s
 
   try:
-    for st in stage_plan(cfg):
+    for st in plan:
       if step >= st['end']:
         continue
       tc = stage_train_config(cfg, st['name'])
+      lora = bool(tc.get('lora', False))
+      _, abstract, st_sh = abstract_for(lora)
+      if lora != cur_lora:     # train.lora switched on/off: a fresh optimizer state
+        state = step_lib.switch_optimizer(tc, state, lora, st_sh)
+        cur_lora = lora
+        if not quiet:
+          print(f'[{st["name"]}] train.lora={lora}: optimizer state for '
+                f'{"the LoRA adapters alone" if lora else "every parameter"}', flush=True)
       if st['kind'] == 'vae':
         tc.freeze = ('vit', 'connector', 'adapters', 'llm')   # only the VAE learns
       scfg = cfg.copy_and_resolve_references()      # this stage's data source (latent cache)

@@ -3,7 +3,8 @@
 State (a dict of pytrees, the unit of checkpointing):
   params     nnx.State of every nnx.Param (fp32 masters)
   buffers    nnx.State of the frozen sin-cos tables (never updated)
-  opt_state  optax state over params (frozen leaves keep zero moments)
+  opt_state  optax state over params (frozen leaves keep zero moments); with train.lora over
+             the LoRA adapters alone (`optimizer_params`)
   ema        EMA of params (decay from the stage config; frozen leaves stay equal)
   meta       {'step': int32, 'rng': uint32[2] base key data, 'nonfinite': int32}
 
@@ -25,6 +26,7 @@ from flax import nnx
 
 from unimedvl_jax import sharding
 from unimedvl_jax.model.embeddings import Buffer
+from unimedvl_jax.model.lora import is_adapter_path
 from unimedvl_jax.model.unimedvl import LossOutput, UniMedVL
 
 # which top-level / decoder paths each freezable name covers
@@ -37,7 +39,31 @@ _FREEZE_MATCH: dict[str, Callable[[tuple], bool]] = {
     'und': lambda p: (p[0] in ('embed_tokens', 'lm_head') or p[:2] == ('decoder', 'norm')
                       or p[:3] == ('decoder', 'layers', 'und')),
     'gen': lambda p: p[:2] == ('decoder', 'norm_moe_gen') or p[:3] == ('decoder', 'layers', 'gen'),
+    # LoRA (model/lora.py): the adapters, and everything but the adapters
+    'lora': is_adapter_path,
+    'base': lambda p: not is_adapter_path(p),
 }
+
+
+def stage_freeze(tc) -> tuple:
+  """What a stage's step freezes: with train.lora everything but the LoRA adapters, else
+  train.freeze and the adapters (a model without adapters is unaffected by the latter)."""
+  if tc.get('lora', False):
+    return ('base',)
+  return tuple(tc.freeze) + ('lora',)
+
+
+def first_stage_lora(cfg) -> bool:
+  """train.lora of the first curriculum stage (of `train` without a curriculum)."""
+  from unimedvl_jax.config import stage_train_config
+  return bool(stage_train_config(cfg, cfg.stages[0] if cfg.stages else None).get('lora', False))
+
+
+def optimizer_params(params: nnx.State, lora: bool) -> nnx.State:
+  """The parameters the optimizer state is kept for: all, or (train.lora) the adapters."""
+  if not lora:
+    return params
+  return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(params) if is_adapter_path(p)])
 
 
 def is_frozen(path: tuple, freeze) -> bool:
@@ -89,16 +115,20 @@ def lr_schedule(tc, total_steps: int) -> Callable[[int], float]:
   return f
 
 
-def init_state(cfg, seed: int | None = None) -> tuple[Any, dict]:
-  """(graphdef, state) of a freshly initialised model."""
+def init_state(cfg, seed: int | None = None, lora: bool | None = None,
+               model: UniMedVL | None = None) -> tuple[Any, dict]:
+  """(graphdef, state) of a freshly initialised model (or of `model`, e.g. a random_model in
+  tests). lora: optimizer state for the adapters alone (default: the first stage's train.lora)."""
   seed = cfg.seed if seed is None else seed
-  model = UniMedVL(cfg.model, rngs=nnx.Rngs(seed))
+  lora = first_stage_lora(cfg) if lora is None else lora
+  if model is None:
+    model = UniMedVL(cfg.model, rngs=nnx.Rngs(seed))
   graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
   tx = make_optimizer(cfg.train)
   state = {
       'params': params,
       'buffers': buffers,
-      'opt_state': tx.init(params),
+      'opt_state': tx.init(optimizer_params(params, lora)),
       'ema': jax.tree.map(jnp.copy, params),
       'meta': {'step': jnp.zeros((), jnp.int32),
                'rng': jax.random.key_data(jax.random.key(seed + 1)),
@@ -107,12 +137,12 @@ def init_state(cfg, seed: int | None = None) -> tuple[Any, dict]:
   return graphdef, state
 
 
-def abstract_state(cfg):
+def abstract_state(cfg, lora: bool | None = None):
   """(graphdef, state of ShapeDtypeStructs): nothing allocated."""
   out = {}
 
   def build():
-    g, s = init_state(cfg)
+    g, s = init_state(cfg, lora=lora)
     out['g'] = g
     return s
   abstract = jax.eval_shape(build)
@@ -182,7 +212,8 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
   merged train config: freeze, loss weights, ema decay, grad_accum, timestep shift).
   objective: 'lm' (UniMedVL's CE + flow MSE) or 'vae' (autoencoder reconstruction)."""
   tc = stage_train
-  freeze = tuple(tc.freeze)
+  lora = bool(tc.get('lora', False))
+  freeze = stage_freeze(tc)
   tx = make_optimizer(tc)
   accum = int(tc.grad_accum)
 
@@ -230,15 +261,25 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
                                                  (mbs, jnp.arange(accum)))
     with jax.named_scope('optimizer'):   # (the profile breakdown of benchmarks/)
       grad_norm = optax.global_norm(grads)
-      full_grads = join_params(params, grads,
-                               jax.tree.map(jnp.zeros_like, frozen))
-      updates, new_opt = tx.update(full_grads, state['opt_state'], params)
-      upd_flat = [(p, (jax.tree.map(jnp.zeros_like, v) if is_frozen(p, freeze) else v))
-                  for p, v in nnx.to_flat_state(updates)]
-      updates = nnx.from_flat_state(upd_flat)
-      new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
       d = tc.ema_decay
-      new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state['ema'], new_params)
+      if lora:   # the optimizer state holds the adapters alone; the base is carried unchanged
+        sub = optimizer_params(params, True)
+        updates, new_opt = tx.update(join_params(sub, grads), state['opt_state'], sub)
+        new_sub = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), sub, updates)
+        new_tr, _ = split_trainable(new_sub, ())
+        new_params = join_params(params, new_tr, split_trainable(params, freeze)[1])
+        ema_tr, ema_fr = split_trainable(state['ema'], freeze)
+        ema_tr = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_tr, new_tr)
+        new_ema = join_params(state['ema'], ema_tr, ema_fr)
+      else:
+        full_grads = join_params(params, grads,
+                                 jax.tree.map(jnp.zeros_like, frozen))
+        updates, new_opt = tx.update(full_grads, state['opt_state'], params)
+        upd_flat = [(p, (jax.tree.map(jnp.zeros_like, v) if is_frozen(p, freeze) else v))
+                    for p, v in nnx.to_flat_state(updates)]
+        updates = nnx.from_flat_state(upd_flat)
+        new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
+        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state['ema'], new_params)
 
       # reject the step if anything is non-finite, including an update that overflowed the params
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
@@ -256,6 +297,16 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
     return new_state, metrics
 
   return train_step
+
+
+def switch_optimizer(tc, state: dict, lora: bool, shardings=None) -> dict:
+  """The state with a fresh optimizer state (of the stage's train config `tc`) for `lora`
+  (adapters alone, or every parameter): what a stage boundary that turns train.lora on or off
+  does. Params and EMA are kept."""
+  tx = make_optimizer(tc)
+  init = jax.jit(lambda p: tx.init(optimizer_params(p, lora)),
+                 out_shardings=None if shardings is None else shardings['opt_state'])
+  return {**state, 'opt_state': init(state['params'])}
 
 
 def jit_train_step(train_step, abstract, mesh, batch_spec_shapes):
