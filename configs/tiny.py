@@ -57,10 +57,10 @@ def get_config():
   # with the SPEC's 35 / 20 / 17 % VQA the same steps end at the majority answer (RESULTS.md)
   cfg.curriculum = ConfigDict(dict(
       vae=_stage('vae', 300, {'t2i': 0.5, 'edit': 0.5}, lr=2e-3, warmup_steps=20, ema_decay=0.0),
-      foundation=_stage('lm', 1000, {'vqa': 0.5, 'report': 0.15, 'caption': 0.1, 't2i': 0.25}),
-      instruction=_stage('lm', 700, {'vqa': 0.35, 'report': 0.1, 'caption': 0.05, 't2i': 0.35,
+      foundation=_stage('lm', 800, {'vqa': 0.5, 'report': 0.15, 'caption': 0.1, 't2i': 0.25}),
+      instruction=_stage('lm', 600, {'vqa': 0.35, 'report': 0.1, 'caption': 0.05, 't2i': 0.35,
                                      'edit': 0.15}, mandatory=('edit',)),
-      unified=_stage('lm', 1000, {'vqa': 0.3, 'report': 0.1, 'caption': 0.05, 't2i': 0.3,
+      unified=_stage('lm', 800, {'vqa': 0.3, 'report': 0.1, 'caption': 0.05, 't2i': 0.3,
                                   'edit': 0.25}, mandatory=('edit',)),
   ))
   cfg.mesh.data = -1
