@@ -571,7 +571,9 @@ def _save(img: np.ndarray, root: str, rel: str) -> None:
                                                    compress_level=1)
 
 
-def _subject(seed: int, index: int, size: int) -> dict:
+def make_subject(seed: int, index: int, size: int) -> dict:
+  """Synthetic subject `index` of dataset `seed`: modality, edit task, findings, anatomy and the
+  noise / lesion seeds its renderings use (deterministic)."""
   rng = _rng(seed, index, 1)
   # Modalities cycle in a seed-dependent order, so any 8 consecutive subjects cover all of them
   # (and every edit task shows up in small datasets too).
@@ -591,7 +593,9 @@ def _subject(seed: int, index: int, size: int) -> dict:
               lesion_seed=(seed, index, 4))
 
 
-def _draw(sub: dict, size: int, modality: Optional[str] = None, with_lesions: bool = True):
+def draw_subject(sub: dict, size: int, modality: Optional[str] = None, with_lesions: bool = True):
+  """The subject rendered uint8 [size, size, 3] in its own modality (or `modality`, same anatomy);
+  with_lesions=False: the counterfactual, lesions left out."""
   mod = modality or sub['modality']
   key = MODALITIES.index(mod)
   ns = int(np.random.SeedSequence(list(sub['noise_seed']) + [key]).generate_state(1)[0])
@@ -604,7 +608,7 @@ def _records_for_subject(sub: dict, split: str, size: int, seed: int, root: str)
   sid, mod, findings = sub['subject_id'], sub['modality'], sub['findings']
   rng = _rng(seed, sub['index'], 5)
   img_dir = f'images/{split}'
-  main = _draw(sub, size)
+  main = draw_subject(sub, size)
   main_rel = f'{img_dir}/{sid}.png'
   _save(main, root, main_rel)
   main_e = _img_entry(main_rel, size, size)
@@ -662,17 +666,17 @@ def _records_for_subject(sub: dict, split: str, size: int, seed: int, root: str)
         input_size=lo)
   elif task == 'modality_translation':
     tgt_rel = f'{img_dir}/{sid}_t2.png'
-    _save(_draw(sub, size, 'mri_t2'), root, tgt_rel)
+    _save(draw_subject(sub, size, 'mri_t2'), root, tgt_rel)
     rec('edit', task, [main_e], [_img_entry(tgt_rel, size, size)], (f'<image>\n{ins}', reply),
         target_modality='mri_t2')
   elif task == 'virtual_staining':
     tgt_rel = f'{img_dir}/{sid}_ihc.png'
-    _save(_draw(sub, size, 'histology_ihc'), root, tgt_rel)
+    _save(draw_subject(sub, size, 'histology_ihc'), root, tgt_rel)
     rec('edit', task, [main_e], [_img_entry(tgt_rel, size, size)], (f'<image>\n{ins}', reply),
         target_modality='histology_ihc')
   elif task == 'counterfactual':
     tgt_rel = f'{img_dir}/{sid}_cf.png'
-    _save(_draw(sub, size, with_lesions=False), root, tgt_rel)
+    _save(draw_subject(sub, size, with_lesions=False), root, tgt_rel)
     rec('edit', task, [main_e], [_img_entry(tgt_rel, size, size)], (f'<image>\n{ins}', reply),
         target_findings=[])
   return recs
@@ -747,7 +751,7 @@ def generate(out_dir: str, seed: int = 0, size: int = 64, n_subjects: int = 2400
   all_recs = {s: {g: [] for g in GROUPS} for s in SPLITS}
   for s in SPLITS:
     for i in range(*bounds[s]):
-      sub = _subject(seed, i, size)
+      sub = make_subject(seed, i, size)
       for g, rs in _records_for_subject(sub, s, size, seed, out_dir).items():
         all_recs[s][g].extend(rs)
   real_files = []

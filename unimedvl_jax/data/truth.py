@@ -221,8 +221,8 @@ def _centroids() -> dict[str, tuple[np.ndarray, float]]:
     feats: dict[str, list] = {m: [] for m in MODALITIES}
     i = 0
     while min(len(v) for v in feats.values()) < 16 and i < 2000:
-      sub = synthetic._subject(12345, i, 64)
-      img = synthetic._draw(sub, 64, with_lesions=(i // len(MODALITIES)) % 2 == 1)
+      sub = synthetic.make_subject(12345, i, 64)
+      img = synthetic.draw_subject(sub, 64, with_lesions=(i // len(MODALITIES)) % 2 == 1)
       feats[sub['modality']].append(_modality_features(img))
       _HF_MAX.append(_hf_energy(img))
       i += 1
