@@ -1,4 +1,4 @@
-"""The embedded synthetic dataset (data/synthetic.py) and its ground-truth checkers (data/truth.py)."""
+"""The embedded synthetic dataset (data/synthetic/) and its ground-truth checkers (data/truth.py)."""
 
 from __future__ import annotations
 
