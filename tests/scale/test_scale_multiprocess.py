@@ -25,7 +25,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-WORKER = os.path.join(HERE, 'scale_mp_worker.py')
+WORKER = 'tests.scale.scale_mp_worker'   # run as a module from ROOT
 TIMEOUT = 1500
 
 
@@ -47,7 +47,7 @@ def _env(devices: int, cache_dir: str, **extra):
 
 
 def _start(workdir, data_root, mode, env, max_steps=None):
-  args = [sys.executable, WORKER, workdir, data_root, mode]
+  args = [sys.executable, '-m', WORKER, workdir, data_root, mode]
   if max_steps is not None:
     args.append(str(max_steps))
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
