@@ -18,7 +18,7 @@ achieved TFLOP/s and the fraction of (query block, key block) pairs our kernel s
 ONLY allowed (query, key) pairs, for every backend: forward 4 * D * Hq * allowed_pairs, backward
 2.5x the forward (the FlashAttention-2 convention; recomputation is not counted).
 
-Packs are realistic (tests/kernels/packs.py: VQA / report / text-to-image / editing /
+Packs are realistic (tests/helpers/attention_packs.py: VQA / report / text-to-image / editing /
 counterfactual samples with ViT images, clean and noised VAE images, text), greedily packed.
 
 On CPU the Pallas kernels run in interpret mode, which is far too slow to time: the script then
@@ -51,8 +51,8 @@ from unimedvl_jax.kernels.flash_attention import (block_sparsity, default_block_
 from unimedvl_jax.kernels.splash import splash_attention  # noqa: E402
 from unimedvl_jax.model.attention import allowed, attention_mask, reference_attention  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location('bench_packs',
-                                               os.path.join(ROOT, 'tests', 'kernels', 'packs.py'))
+_spec = importlib.util.spec_from_file_location(
+    'bench_packs', os.path.join(ROOT, 'tests', 'helpers', 'attention_packs.py'))
 packs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(packs)
 

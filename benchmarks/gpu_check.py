@@ -7,9 +7,9 @@ Four parts, each recorded in the JSON (and printed); a part that would run past 
 skipped and marked so (never estimated):
   1. environment: jax version, device kind, the device's bf16 dense datasheet peak (if known)
   2. correctness of every backend against `reference_attention` (f32 softmax on the same inputs)
-     on random packs holding causal, full and noise splits (tests/kernels/packs.py), GQA 7:1
-     (28 query / 4 KV heads), head dim 128, bf16: forward and dq / dk / dv, max relative error
-     (tolerance 5e-2: bf16 inputs, p and dS rounded to bf16 before the second matmuls)
+     on random packs holding causal, full and noise splits (tests/helpers/attention_packs.py),
+     GQA 7:1 (28 query / 4 KV heads), head dim 128, bf16: forward and dq / dk / dv, max relative
+     error (tolerance 5e-2: bf16 inputs, p and dS rounded to bf16 before the second matmuls)
   3. forward and forward+backward time and achieved TFLOP/s of each backend at 8k and 32k tokens
      on realistic packs (benchmarks/bench_attention.py: FLOPs = allowed pairs only, forward
      4 * D * Hq * pairs, fwd+bwd 3.5x that); the dense XLA baseline only up to 16k

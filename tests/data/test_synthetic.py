@@ -1,4 +1,4 @@
-"""The embedded synthetic dataset (data/synthetic.py) and its ground-truth checkers (data/truth.py)."""
+"""The embedded synthetic dataset (data/synthetic/) and its ground-truth checkers (data/truth.py)."""
 
 from __future__ import annotations
 
@@ -152,9 +152,9 @@ def test_checker_accuracy_on_clean_and_degraded_images():
   rng = np.random.default_rng(0)
   n = ok = 0
   for i in range(64):
-    sub = S._subject(11, i, 64)
+    sub = S.make_subject(11, i, 64)
     meta = dict(modality=sub['modality'], findings=sub['findings'], image_size=64)
-    img = S._draw(sub, 64)
+    img = S.draw_subject(sub, 64)
     blurred = resize(resize(img, (40, 40)), (64, 64))
     noisy = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
     for x in (img, blurred, noisy, resize(img, (96, 96))):
@@ -170,7 +170,7 @@ def test_checker_accuracy_on_clean_and_degraded_images():
 
 
 def test_checker_rejects_blank_and_wrong_images():
-  subs = [S._subject(5, i, 64) for i in range(40)]
+  subs = [S.make_subject(5, i, 64) for i in range(40)]
   rejected = total = 0
   for sub in subs:
     if not sub['findings']:
@@ -181,12 +181,12 @@ def test_checker_rejects_blank_and_wrong_images():
       r = T.check_generated(blank, meta)
       assert not r['all_ok'] and not r['modality_ok']
     # the same subject without its lesions, and another subject's image with other findings
-    r = T.check_generated(S._draw(sub, 64, with_lesions=False), meta)
+    r = T.check_generated(S.draw_subject(sub, 64, with_lesions=False), meta)
     assert not r['present_ok'] and not r['all_ok']
     other = next(o for o in subs if o['modality'] == sub['modality'] and
                  {f['location'] for f in o['findings']} != {f['location'] for f in sub['findings']})
     total += 1
-    rejected += not T.check_generated(S._draw(other, 64), meta)['all_ok']
+    rejected += not T.check_generated(S.draw_subject(other, 64), meta)['all_ok']
   assert rejected == total
   noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
   assert T.classify_modality(noise) == 'unknown'

@@ -2,12 +2,10 @@
 imported): the same requests on one device and on a ('data' 4, 'tensor' 2) mesh."""
 
 import os
-import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # noqa: E402
 
@@ -15,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
-from infer_testlib import SPECIALS, tiny_model  # noqa: E402
+from tests.helpers.infer_ref import SPECIALS, tiny_model  # noqa: E402
 from unimedvl_jax import sharding  # noqa: E402
 from unimedvl_jax.infer import context as C  # noqa: E402
 from unimedvl_jax.infer import image as I  # noqa: E402

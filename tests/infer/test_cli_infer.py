@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from infer_testlib import TINY, tiny_cfg
+from tests.helpers.infer_ref import TINY, tiny_cfg
 from unimedvl_jax.infer import cli
 from unimedvl_jax.infer.loading import LoadError
 from unimedvl_jax.infer.random_init import random_model

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from infer_testlib import SPECIALS, reference_forward, tiny_model
+from tests.helpers.infer_ref import SPECIALS, reference_forward, tiny_model
 from unimedvl_jax.infer import context as C
 from unimedvl_jax.infer.context import ContextError
 from unimedvl_jax.model.attention import MODE_CAUSAL, MODE_FULL

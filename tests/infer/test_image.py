@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from infer_testlib import SPECIALS, reference_forward, tiny_model
+from tests.helpers.infer_ref import SPECIALS, reference_forward, tiny_model
 from unimedvl_jax.infer import context as C
 from unimedvl_jax.infer import image as I
 

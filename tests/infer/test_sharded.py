@@ -15,7 +15,7 @@ def test_mesh_outputs_equal_one_device():
   env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_script.py')], env=env,
+  proc = subprocess.run([sys.executable, '-m', 'tests.infer.sharded_script'], env=env,
                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('SHARDED_RESULT ')]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from infer_testlib import SPECIALS, StubTokenizer, tiny_model
+from tests.helpers.infer_ref import SPECIALS, StubTokenizer, tiny_model
 from unimedvl_jax.infer import context as C
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import tasks

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer_testlib import tiny_model
+from tests.helpers.infer_ref import tiny_model
 from unimedvl_jax.data.images import to_unit_range
 from unimedvl_jax.infer.context import encode_vae_tokens
 

@@ -1,10 +1,9 @@
-"""Import parity against PyTorch: a BAGEL-layout torch module (tests/interop/bagel_torch_ref.py:
+"""Import parity against PyTorch: a BAGEL-layout torch module (tests/helpers/bagel_torch_ref.py:
 MoT decoder transcription + transformers' SiglipVisionModel + FLUX autoencoder transcription) ->
 its state_dict() -> `import_state_dict` -> our UniMedVL; then the ViT, the VAE, the MoT hidden
 states, the flow head and one full packed training loss agree in fp32 within 1e-4."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
-from packs import build_batch, mixed_samples  # noqa: E402
-
-from bagel_torch_ref import BagelRef, FluxAE  # noqa: E402
-from unimedvl_jax.config import load_config_file  # noqa: E402
-from unimedvl_jax.interop import keymap as km  # noqa: E402
-from unimedvl_jax.interop.import_torch import import_state_dict  # noqa: E402
-from unimedvl_jax.model.vit import patchify_image  # noqa: E402
+from tests.helpers.bagel_torch_ref import BagelRef, FluxAE
+from tests.helpers.model_packs import build_batch, mixed_samples
+from unimedvl_jax.config import load_config_file
+from unimedvl_jax.interop import keymap as km
+from unimedvl_jax.interop.import_torch import import_state_dict
+from unimedvl_jax.model.vit import patchify_image
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 OVERRIDES = ['data.batch_size=2', 'data.seq_len=96', 'data.max_latent_tokens=16',

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from flax import nnx
 
-from test_interop_roundtrip import assert_bit_exact, flat_np, random_model, tiny_cfg
+from tests.helpers.interop import assert_bit_exact, flat_np, random_model, tiny_cfg
 from unimedvl_jax import convert
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import write_torch_dir

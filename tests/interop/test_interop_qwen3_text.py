@@ -4,7 +4,6 @@ generation expert = copies) -> import -> our logits on a text-only pack equal HF
 -> export of the understanding expert -> AutoModelForCausalLM.from_pretrained -> same logits."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
-from packs import build_batch  # noqa: E402
-
-from unimedvl_jax.config import load_config_file  # noqa: E402
-from unimedvl_jax.interop import keymap as km  # noqa: E402
-from unimedvl_jax.interop.export_torch import export_hf_causal_lm  # noqa: E402
-from unimedvl_jax.interop.import_torch import import_state_dict  # noqa: E402
+from tests.helpers.interop import random_model
+from tests.helpers.model_packs import build_batch
+from unimedvl_jax.config import load_config_file
+from unimedvl_jax.interop import keymap as km
+from unimedvl_jax.interop.export_torch import export_hf_causal_lm
+from unimedvl_jax.interop.import_torch import import_state_dict
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 V, H, I, L, NH, NKV, D = 320, 64, 160, 2, 4, 2, 16
@@ -119,8 +117,6 @@ def test_export_understanding_expert_as_hf_causal_lm(setup, tmp_path):
 
 def test_export_without_qk_norm_is_a_qwen2(tmp_path):
   """A model without QK-norm exports as Qwen2ForCausalLM (q/k/v biases, no o_proj bias)."""
-  sys.path.insert(0, os.path.dirname(__file__))
-  from test_interop_roundtrip import random_model
   cfg = load_config_file(TINY, OVERRIDES + ['model.llm.qk_norm=False'])
   model = random_model(cfg, seed=2)
   export_hf_causal_lm(cfg, model, str(tmp_path / 'q2'))

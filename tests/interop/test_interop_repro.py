@@ -1,17 +1,13 @@
 """Reproducibility API (issue 14): the flow sampler starts from a given initial noise, so a
 reference's own draw can be replayed. Reference: the numpy Euler loop over velocities of the
-whole-sequence reference forward (tests/infer/infer_testlib.py), started from the same noise."""
-
-import os
-import sys
+whole-sequence reference forward (tests/helpers/infer_ref.py), started from the same noise."""
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'infer'))
-from infer_testlib import SPECIALS, reference_forward, tiny_model  # noqa: E402
-from unimedvl_jax.infer import context as C  # noqa: E402
-from unimedvl_jax.infer import image as I  # noqa: E402
+from tests.helpers.infer_ref import SPECIALS, reference_forward, tiny_model
+from unimedvl_jax.infer import context as C
+from unimedvl_jax.infer import image as I
 
 
 def test_sampler_starts_from_the_given_noise():

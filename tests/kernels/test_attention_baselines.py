@@ -22,15 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import attention_packs as packs
 from unimedvl_jax.config import ConfigError, load_config_file
 from unimedvl_jax.kernels.cudnn_attention import cudnn_attention
 from unimedvl_jax.kernels.splash import splash_attention
 from unimedvl_jax.model.attention import attention, attention_mask, reference_attention
 
-_spec = importlib.util.spec_from_file_location(
-    'kernel_test_packs', os.path.join(os.path.dirname(__file__), 'packs.py'))
-packs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(packs)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -9,20 +9,13 @@ multiple of the block, and bf16 inputs. One jit per case shape.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import attention_packs as packs
 from unimedvl_jax.kernels.blocked_xla import blocked_attention
-
-_spec = importlib.util.spec_from_file_location(
-    'kernel_test_packs_blocked', os.path.join(os.path.dirname(__file__), 'packs.py'))
-packs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(packs)
 
 
 def np_mask(seg, split, mode, idx):

@@ -13,7 +13,6 @@ forward + backward once (one jit of a VJP). Tolerances:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,14 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import attention_packs as packs
 from unimedvl_jax.kernels.block_mask import FULL, SKIP, block_sparsity, classify_blocks
 from unimedvl_jax.kernels.flash_attention import flash_attention
 from unimedvl_jax.model.attention import attention, attention_mask, reference_attention
-
-_spec = importlib.util.spec_from_file_location(
-    'kernel_test_packs', os.path.join(os.path.dirname(__file__), 'packs.py'))
-packs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(packs)
 
 
 def _qkv(rng, B, T, Hq, Hkv, D, dtype):
@@ -248,14 +243,13 @@ def test_cost_estimate_counts_computed_blocks():
 # ----------------------------------------------------------------------------- shard_map
 
 _SHARD_MAP_SCRIPT = textwrap.dedent('''
-    import os, sys
+    import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import functools
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import PartitionSpec as P, AxisType
-    sys.path.insert(0, sys.argv[1])
-    import packs
+    from tests.helpers import attention_packs as packs
     from unimedvl_jax.kernels.flash_attention import flash_attention
     from unimedvl_jax.model.attention import reference_attention
     assert jax.device_count() == 4
@@ -331,8 +325,8 @@ def test_shard_map_batch_and_heads_sharded():
   env['JAX_PLATFORMS'] = 'cpu'
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run([sys.executable, '-c', _SHARD_MAP_SCRIPT, os.path.dirname(__file__)],
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, '-c', _SHARD_MAP_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=600, cwd=root)
   assert proc.returncode == 0 and 'SHARD_MAP_OK' in proc.stdout, (
       proc.stdout[-3000:] + proc.stderr[-6000:])
 

@@ -4,23 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers.attention_rule import C, F, N, literal_rule
 from unimedvl_jax.model.attention import attention_mask, masked_attention, reference_attention
-
-C, F, N = 0, 1, 2
-
-
-def literal_rule(seg, split, mode):
-  """The SPEC sentence, element by element, in plain python."""
-  T = len(seg)
-  out = np.zeros((T, T), bool)
-  for q in range(T):
-    for k in range(T):
-      a, b = split[q], split[k]
-      same_sample = seg[q] == seg[k] and seg[q] != 0
-      order_ok = b < a or (b == a and (mode[q] in (F, N) or k <= q))
-      noise_hidden = mode[k] == N and b != a
-      out[q, k] = same_sample and order_ok and not noise_hidden
-  return out
 
 
 def pack(items):

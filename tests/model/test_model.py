@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from packs import build_batch, mixed_samples
+from tests.helpers.model_packs import build_batch, mixed_samples
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.model.embeddings import Buffer
 from unimedvl_jax.model.unimedvl import UniMedVL

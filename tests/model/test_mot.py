@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from packs import build_batch, mixed_samples
-from test_attention_mask import literal_rule
+from tests.helpers.attention_rule import literal_rule
+from tests.helpers.model_packs import build_batch, mixed_samples
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.layers import rope_cos_sin

@@ -1,7 +1,7 @@
 """AOT planning checks run by test_scale_aot.py in a subprocess (libtpu loaded once, JAX_PLATFORMS
 =cpu, TPU_* environment from aot.prepare_env). Not a test module.
 
-    python tests/scale/scale_aot_script.py TOPOLOGY
+    python -m tests.scale.scale_aot_script TOPOLOGY   (from the repo root)
 
 Prints 'AOT_RESULT {json}' with
   plan     aot.plan() of a small tiny-config variant (2 decoder layers, 1 ViT layer, Pallas
@@ -14,12 +14,7 @@ Prints 'AOT_RESULT {json}' with
 from __future__ import annotations
 
 import json
-import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -29,7 +24,7 @@ def main():
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from scale_mp_worker import small_config
+  from tests.helpers.scale_configs import small_config
 
   cfg = small_config('')
   cfg.model.attention_impl = 'pallas'

@@ -1,6 +1,6 @@
 """One training process of tests/scale/test_scale_multiprocess.py (not a test module).
 
-    python tests/scale/scale_mp_worker.py WORKDIR DATA_ROOT MODE [MAX_STEPS]
+    python -m tests.scale.scale_mp_worker WORKDIR DATA_ROOT MODE [MAX_STEPS]   (from the repo root)
 
 MODE 'dist': one process of a multi-process run (jax.distributed from JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID, set by the test; CPU collectives over gloo).
@@ -13,40 +13,13 @@ The environment (XLA_FLAGS device count, JAX_PLATFORMS=cpu) is set by the parent
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+from tests.helpers.scale_configs import small_config
 
 NUM_HOSTS = 2
-STEPS = 4
-
-
-def small_config(data_root: str):
-  """configs/tiny.py, one short lm stage, a smaller model (compile time dominates here)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny_cfg', os.path.join(ROOT, 'configs', 'tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
-  cfg.model.llm.num_layers = 2
-  cfg.model.vit.num_layers = 1
-  cfg.model.vae.base_channels = 8
-  cfg.data.root = data_root
-  cfg.data.batch_size = 4
-  cfg.stages = ('foundation',)
-  cfg.curriculum.foundation.steps = STEPS
-  cfg.train.warmup_steps = 2
-  cfg.train.log_every = 1
-  cfg.train.checkpoint_every = 2
-  cfg.train.keep_checkpoints = 3
-  cfg.mesh.data = -1
-  cfg.mesh.fsdp = 1
-  cfg.mesh.tensor = 1
-  return cfg
 
 
 class ConcatIterator:

@@ -1,7 +1,7 @@
 """Sharded vs single-device training step on 8 fake CPU devices (run by test_scale_sharding.py
 in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; not a test module).
 
-    python tests/scale/scale_sharded_step.py DATA_ROOT
+    python -m tests.scale.scale_sharded_step DATA_ROOT   (from the repo root)
 
 Prints one line 'SHARDED_RESULT {json}' with
   single / sharded : loss, ce, mse, grad_norm of one step on the same batch and state
@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fsdp_leaves(st_sh) -> int:
@@ -44,7 +39,7 @@ def main():
   from unimedvl_jax.config import stage_train_config
   from unimedvl_jax.data import pipeline
   from unimedvl_jax.train import step as step_lib
-  from scale_mp_worker import small_config
+  from tests.helpers.scale_configs import small_config
 
   assert jax.device_count() == 8, jax.devices()
   cfg = small_config(data_root)

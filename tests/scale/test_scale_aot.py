@@ -94,7 +94,7 @@ def aot_result():
          if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
   env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
       p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'scale_aot_script.py'), TOPOLOGY],
+  proc = subprocess.run([sys.executable, '-m', 'tests.scale.scale_aot_script', TOPOLOGY],
                         env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('AOT_RESULT ')]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-8000:]

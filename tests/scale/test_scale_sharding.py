@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,16 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 MiB = 1 << 20
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f'scale_{name}', os.path.join(HERE, f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 @pytest.fixture(scope='module')
 def golden_mod():
-  return _load('regen_golden')
+  from tests.scale import regen_golden
+  return regen_golden
 
 
 @pytest.fixture(scope='module')
@@ -110,7 +103,7 @@ def sharded_result():
   from unimedvl_jax.data import synthetic
   root = synthetic.ensure_dataset()
   env = _clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'scale_sharded_step.py'), root],
+  proc = subprocess.run([sys.executable, '-m', 'tests.scale.scale_sharded_step', root],
                         env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('SHARDED_RESULT ')]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]

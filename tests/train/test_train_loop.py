@@ -103,6 +103,8 @@ def test_kill9_and_resume_reproduces_losses(reference_run, synthetic_dir, tmp_pa
     assert got[s] == ref[s], (s, got[s], ref[s])
 
 
+@pytest.mark.flaky_retry(reason='signal timing against wall-clock bounds (3 logged steps within '
+                         '600 s, save and exit within 300 s of SIGTERM)')
 def test_sigterm_saves_and_exits_zero(synthetic_dir, tmp_path):
   wd = tmp_path / 'term'
   p = subprocess.Popen(cmd(wd, synthetic_dir, steps=(200, 6), every=1000), env=ENV,

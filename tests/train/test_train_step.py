@@ -2,7 +2,6 @@
 gradient accumulation equals the full batch (global-count normalisation), lr schedule."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
-from packs import build_batch, mixed_samples  # noqa: E402
-
-from unimedvl_jax import batch as batch_lib, sharding  # noqa: E402
-from unimedvl_jax.config import load_config_file, stage_train_config  # noqa: E402
-from unimedvl_jax.train import step as S  # noqa: E402
+from tests.helpers.model_packs import build_batch, mixed_samples
+from unimedvl_jax import batch as batch_lib, sharding
+from unimedvl_jax.config import load_config_file, stage_train_config
+from unimedvl_jax.train import step as S
 
 CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 

@@ -12,7 +12,7 @@ is listed under `file_errors` (and the data is not ok).
 The tokenizer, first found: `--tokenizer PATH` (a SentencePiece `.model`, or a Hugging Face
 `tokenizer.json` / a directory holding one), config.data.tokenizer_path, a `tokenizer.model` at
 the data root or beside the JSONL, else the embedded dataset's tokenizer (generated once into
-the embedded dataset's cache directory when absent, see data/synthetic.py `ensure_dataset`).
+the embedded dataset's cache directory when absent, see data/synthetic/writer.py `ensure_dataset`).
 """
 
 from __future__ import annotations

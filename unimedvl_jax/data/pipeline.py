@@ -60,7 +60,7 @@ def data_root(cfg) -> str:
   for fn in ('ensure_dataset', 'default_root'):
     if hasattr(synthetic, fn):
       return os.path.abspath(getattr(synthetic, fn)())
-  raise DataError('config.data.root is empty and data/synthetic.py offers no default dataset; '
+  raise DataError('config.data.root is empty and data/synthetic/ offers no default dataset; '
                   'set --config.data.root=DIR')
 
 

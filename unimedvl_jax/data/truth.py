@@ -1,4 +1,4 @@
-"""Exact ground truth of the embedded synthetic dataset (`data/synthetic.py`) and its checkers.
+"""Exact ground truth of the embedded synthetic dataset (`data/synthetic/`) and its checkers.
 
 Every synthetic image is drawn from a record's `meta`:
   {"subject_id": "s000123", "modality": "mri_t1", "image_size": 64,
@@ -217,12 +217,12 @@ def _centroids() -> dict[str, tuple[np.ndarray, float]]:
   """modality -> (mean features, reference spread) over reference renderings (computed once,
   deterministic; the spread is the largest distance of a reference image to its centroid)."""
   if not _CENTROIDS:
-    from unimedvl_jax.data import synthetic
+    from unimedvl_jax.data.synthetic.draw import draw_subject, make_subject
     feats: dict[str, list] = {m: [] for m in MODALITIES}
     i = 0
     while min(len(v) for v in feats.values()) < 16 and i < 2000:
-      sub = synthetic._subject(12345, i, 64)
-      img = synthetic._draw(sub, 64, with_lesions=(i // len(MODALITIES)) % 2 == 1)
+      sub = make_subject(12345, i, 64)
+      img = draw_subject(sub, 64, with_lesions=(i // len(MODALITIES)) % 2 == 1)
       feats[sub['modality']].append(_modality_features(img))
       _HF_MAX.append(_hf_energy(img))
       i += 1

@@ -28,7 +28,7 @@ from unimedvl_jax.infer import image as flow_lib
 
 # README targets of the main job (issue 13)
 TARGETS = {'vqa_closed_accuracy': 0.85, 'segmentation_dice': 0.5}
-# the synthetic dataset's lesion question kinds (data/synthetic.py `_vqa`)
+# the synthetic dataset's lesion question kinds (data/synthetic/texts.py `vqa_question`)
 LESION_QUESTIONS = (('presence', 'any_lesion'), ('quadrant', 'lesion_in_quadrant'),
                     ('count', 'count'))
 # blank-input accuracy within this of the best constant answer counts as "fell to the majority"

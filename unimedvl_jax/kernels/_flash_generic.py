@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from unimedvl_jax.model.attention import allowed
+from unimedvl_jax.batch import allowed
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 EMPTY_ROW_LSE = 1e30  # lse stored for rows with no allowed key: exp(s - lse) == 0

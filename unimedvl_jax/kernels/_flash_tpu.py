@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from unimedvl_jax.kernels._flash_generic import EMPTY_ROW_LSE, MASK_VALUE, out_struct
-from unimedvl_jax.model.attention import allowed
+from unimedvl_jax.batch import allowed
 
 LANES = 128
 _NT = (((1,), (1,)), ((), ()))

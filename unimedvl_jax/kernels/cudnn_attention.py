@@ -8,7 +8,7 @@ layout jax.nn.dot_product_attention takes), or 'bhtd' [B, H, T, D] (transposed a
 metadata int32 [B, T]; returns q's shape, layout and dtype, equal to `reference_attention` on
 every query with an allowed key and zero on padding rows.
 
-The mask is explicit and dense: `model.attention.attention_mask` (the rule `allowed`) as a bool
+The mask is explicit and dense: `kernels.mask.attention_mask` (the rule `batch.allowed`) as a bool
 [B, 1, T, T] array, broadcast over heads (T^2 bytes per pack; cuDNN turns it into an additive
 bias). GQA is native (KV heads are not repeated). Padding queries (no allowed key) come out of
 the softmax as an average of all values; they are set to zero, so their cotangents are zero too.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from unimedvl_jax.kernels._flash_generic import LAYOUTS, dims
-from unimedvl_jax.model.attention import attention_mask
+from unimedvl_jax.kernels.mask import attention_mask
 
 __all__ = ['cudnn_attention']
 

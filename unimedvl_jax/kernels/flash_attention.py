@@ -7,7 +7,7 @@
 layout 'bthd' (token-major): q [B, T, Hq, D]; k, v [B, T, Hkv, D]. layout 'bhtd' (head-major):
 q [B, Hq, T, D]; k, v [B, Hkv, T, D]. Hq is a multiple of Hkv (grouped-query attention; KV heads
 are never repeated in memory; the G = Hq / Hkv query heads of KV head h are h*G .. h*G + G-1).
-Metadata int32 [B, T] exactly as `unimedvl_jax.model.attention.attention_mask` takes it
+Metadata int32 [B, T] exactly as `unimedvl_jax.kernels.mask.attention_mask` takes it
 (segment 0 = padding; modes 0 causal, 1 full, 2 noise). Returns q's shape and layout in q's dtype,
 equal to `reference_attention` on every query that has at least one allowed key; queries with
 none (padding) get zeros.
@@ -15,7 +15,7 @@ none (padding) get zeros.
 Algorithm: online-softmax flash attention, f32 accumulation. The mask is never materialised:
 (query block, key block) pairs are classified SKIP / PARTIAL / FULL from per-block metadata
 summaries in plain JAX (`block_mask.py`); kernels walk compacted per-row work lists, never touch
-SKIP blocks, and evaluate `allowed` (model/attention.py) only on PARTIAL blocks. The backward is a
+SKIP blocks, and evaluate `allowed` (batch.py) only on PARTIAL blocks. The backward is a
 `jax.custom_vjp` with two Pallas kernels, dq (per query block) and dk/dv (per key block, summed
 over the query heads of each KV group), both recomputing probabilities from the saved
 log-sum-exp, both block-skipping. Every kernel has one program per KV head that handles all G

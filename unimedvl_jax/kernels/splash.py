@@ -10,7 +10,7 @@ and dtype, equal to `reference_attention` on every query with an allowed key and
 How the packed rule reaches splash (jax.experimental.pallas.ops.tpu.splash_attention): splash's
 masks are either static (numpy, known at trace time) or a dynamic dense bool array. Our mask
 depends on the pack's metadata, which are traced in the train step, so each pack gets a DYNAMIC
-mask built from the same rule (`model.attention.attention_mask`, i.e. `allowed`): its
+mask built from the same rule (`kernels.mask.attention_mask`, i.e. `batch.allowed`): its
 [T/bq, T/bk] grid of [bq, bk] tiles (T^2 bytes per pack, and a transposed copy for the dk/dv
 kernel) is splash's `partial_mask_blocks`. The block map (SKIP / PARTIAL / FULL) and the
 prefetch tables are not reduced from the dense mask: they come from our O(T) block classification
@@ -40,7 +40,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from unimedvl_jax.kernels._flash_generic import LAYOUTS, dims
 from unimedvl_jax.kernels.block_mask import PARTIAL, SKIP, classify_blocks
-from unimedvl_jax.model.attention import attention_mask
+from unimedvl_jax.kernels.mask import attention_mask
 
 __all__ = ['splash_attention', 'DEFAULT_BLOCK', 'seq_multiple']
 

@@ -13,18 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from unimedvl_jax.batch import MODE_CAUSAL, MODE_FULL, MODE_NOISE, allowed  # noqa: F401 (re-exported)
-
-
-def attention_mask(segment_ids: jax.Array, split_ids: jax.Array, split_modes: jax.Array,
-                   token_idx: jax.Array | None = None) -> jax.Array:
-  """int32 [B, T] metadata -> bool [B, T, T] (query, key): True where the query may see the key.
-  token_idx [B, T]: sequence index of each entry if the arrays are not in sequence order."""
-  T = segment_ids.shape[-1]
-  idx = (jnp.arange(T, dtype=jnp.int32)[None] if token_idx is None else token_idx)
-  q = lambda a: a[:, :, None]
-  k = lambda a: a[:, None, :]
-  return allowed(q(segment_ids), q(split_ids), q(split_modes), q(idx),
-                 k(segment_ids), k(split_ids), k(split_modes), k(idx))
+from unimedvl_jax.kernels.mask import attention_mask  # noqa: F401 (re-exported)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

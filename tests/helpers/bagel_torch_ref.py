@@ -8,15 +8,13 @@
   one shared attention over the pack with the SPEC section 3 mask, per-expert final norms, the
   lm_head CE and the llm2vae flow-matching MSE.
 
-The FLUX autoencoder reference is the one of tests/model/test_vae.py (`flux_ae` below wraps its
-TEncoder / TDecoder for any VAE config).
+The FLUX autoencoder reference is the one of tests/model/test_vae.py (`FluxAE` below wraps the
+TEncoder / TDecoder of tests/helpers/torch_flux_vae.py for any VAE config).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import numpy as np
 import torch
@@ -319,13 +317,12 @@ class BagelRef(nn.Module):
 
 
 class FluxAE(nn.Module):
-  """FLUX AutoEncoder (encoder / decoder of tests/model/test_vae.py, the transcription of
+  """FLUX AutoEncoder (encoder / decoder of tests/helpers/torch_flux_vae.py, the transcription of
   black-forest-labs/flux modules/autoencoder.py) for a `model.vae` config."""
 
   def __init__(self, v):
     super().__init__()
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
-    from test_vae import TDecoder, TEncoder
+    from tests.helpers.torch_flux_vae import TDecoder, TEncoder
     assert v.in_channels == 3
     args = (v.base_channels, tuple(v.channel_mult), v.num_res_blocks, v.z_channels, v.norm_groups)
     self.encoder = TEncoder(*args)

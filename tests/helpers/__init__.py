@@ -1,0 +1,12 @@
+"""Shared test helpers, imported as `tests.helpers.<module>` (tests/ is a package; pytest puts the
+repository root on sys.path, subprocess scripts run as `python -m tests.<dir>.<script>`):
+
+attention_packs   random packed-sequence metadata for the attention / kernel tests
+attention_rule    SPEC section 3's attention rule read literally (plain python)
+model_packs       a hand-rolled packer of whole batches for the model / train / interop tests
+infer_ref         a tiny random model and the full-recompute reference of the inference tests
+interop           the interop tests' tiny config, all-random model, bit-exact comparison
+torch_flux_vae    PyTorch transcription of FLUX's autoencoder (encoder / decoder)
+bagel_torch_ref   PyTorch reference of BAGEL's module tree and packed forward
+scale_configs     the small training config of the tests/scale/ subprocess checks
+"""
