@@ -4,7 +4,6 @@ bytes drop by the closed-form amount, and `--int8` runs through the inference CL
 
 import functools
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'infer'))
-from infer_testlib import tiny_cfg  # noqa: E402
+from tests.helpers.infer_ref import tiny_cfg  # noqa: E402
 from packs import build_batch, mixed_samples  # noqa: E402
 
 from unimedvl_jax.infer.random_init import random_model  # noqa: E402

@@ -5,7 +5,6 @@ and nu), adapter files round-trip, the export with --merge-lora writes W + alpha
 
 import functools
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'model'))
-from packs import build_batch, mixed_samples  # noqa: E402
+from tests.helpers.model_packs import build_batch, mixed_samples  # noqa: E402
 
 from unimedvl_jax.infer.random_init import random_model  # noqa: E402
 from unimedvl_jax.config import ConfigError, load_config_file, stage_train_config  # noqa: E402
