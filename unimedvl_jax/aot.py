@@ -67,7 +67,7 @@ import re
 import time
 from typing import Any
 
-from unimedvl_jax.batch import vae_downsample
+from unimedvl_jax.batch import latent_cache_path, vae_downsample
 
 # ------------------------------------------------------------------------------ chips
 
@@ -692,7 +692,7 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
                 'max_vae_images': int(cfg.data.max_vae_images),
                 'vae_buckets': [list(b) for b in batch_lib.Geometry.from_config(cfg).vae_buckets],
                 'max_label_tokens': int(batch_lib.Geometry.from_config(cfg).labels),
-                'latent_cache': bool(cfg.data.get('latent_cache', '')),
+                'latent_cache': bool(latent_cache_path(cfg.data)),
                 'grad_accum': int(tc.grad_accum),
                 'tokens_per_step': int(cfg.data.batch_size) * int(cfg.data.seq_len)},
       'hbm': {'per_chip_gib': chip['hbm_gib'], 'per_device_bytes': int(hbm),

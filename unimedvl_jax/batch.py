@@ -88,6 +88,14 @@ def allowed(q_seg, q_split, q_mode, q_idx, k_seg, k_split, k_mode, k_idx):
   return same & (earlier | inside) & ~hidden_noise
 
 
+def latent_cache_path(data_cfg) -> str:
+  """data.latent_cache as a directory, '' for none. 'auto' is resolved by the train loop (to
+  WORKDIR/latent_cache, per stage); anywhere else (a bare iterator, `pack_samples`, AOT) it means
+  no cache: VAE images are encoded from pixels."""
+  v = data_cfg.get('latent_cache', '') or ''
+  return '' if v == 'auto' else str(v)
+
+
 def vae_downsample(cfg_model) -> int:
   """Pixels per latent cell of the VAE side: 2 ** (number of resolution levels - 1)."""
   return 2 ** (len(tuple(cfg_model.vae.channel_mult)) - 1)
@@ -161,7 +169,7 @@ class Geometry:
                latent_px=f * m.latent_patch_size, max_latent_size=m.max_latent_size,
                C=int(d.get('max_label_tokens', 0)),
                buckets=tuple(tuple(b) for b in d.get('vae_buckets', ())),
-               latent_cache=bool(d.get('latent_cache', '')),
+               latent_cache=bool(latent_cache_path(d)),
                latent_dim=m.latent_patch_size ** 2 * m.vae.z_channels,
                vit_max_size=d.vit_max_size, vit_min_size=d.vit_min_size,
                vit_max_pixels=d.vit_max_pixels or None, vae_max_size=d.vae_max_size,

@@ -37,6 +37,7 @@ import numpy as np
 import grain
 from absl import logging
 
+from unimedvl_jax.batch import latent_cache_path
 from unimedvl_jax.data import latent_cache as latent_cache_lib
 from unimedvl_jax.data import packing
 from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_REASONS, DataError, JsonlSource, RawLine, Sample,
@@ -222,8 +223,8 @@ class SampleProcessor:
     self.max_pixels = sample_pixel_cap(cfg)
     self._tok = None
     # VAE images from the latent cache (moments) instead of pixels; opened once per process
-    self.latent_cache = (None if not cfg.data.get('latent_cache', '') else
-                         latent_cache_lib.LatentCache(cfg.data.latent_cache, root, cfg))
+    path = latent_cache_path(cfg.data)
+    self.latent_cache = latent_cache_lib.LatentCache(path, root, cfg) if path else None
 
   @property
   def tokenizer(self):
@@ -698,8 +699,8 @@ def pack_samples(cfg, samples: Iterable, *, tokenizer=None, batch_size: int | No
   tok = tokenizer
   toks = []
   cache = None
-  if cfg.data.get('latent_cache', ''):
-    cache = latent_cache_lib.LatentCache(cfg.data.latent_cache,
+  if latent_cache_path(cfg.data):
+    cache = latent_cache_lib.LatentCache(latent_cache_path(cfg.data),
                                          data_root(cfg) if root is None else root, cfg)
   for i, s in enumerate(samples):
     if isinstance(s, TokenSample):
