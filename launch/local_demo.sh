@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 WORKDIR=${1:-runs/tiny}
 REQUIREMENTS=requirements.txt bash scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
-.venv/bin/python -m unimedvl_jax.train --config configs/tiny.py --workdir "$WORKDIR" --evaluate
+.venv/bin/python -m unimedvl_jax.train --config configs/demo.py --workdir "$WORKDIR" --evaluate
 echo "report: $WORKDIR/eval/report.md (and report.json)   samples: $WORKDIR/eval/samples/   TensorBoard: $WORKDIR/tb"

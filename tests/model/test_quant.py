@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers.infer_ref import tiny_cfg  # noqa: E402
-from packs import build_batch, mixed_samples  # noqa: E402
+from tests.helpers.model_packs import build_batch, mixed_samples  # noqa: E402
 
 from unimedvl_jax.infer.random_init import random_model  # noqa: E402
 from unimedvl_jax.model import quant  # noqa: E402
