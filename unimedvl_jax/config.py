@@ -443,6 +443,28 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   return cfg
 
 
+def set_field(cfg: ConfigDict, key: str, value) -> None:
+  """Sets the dotted field `key` of `cfg`, which must exist; an int (not a bool) given for a
+  float field becomes a float and a list given for a tuple field a tuple. Raises ConfigError naming it."""
+  node = cfg
+  parts = key.split('.')
+  for p in parts[:-1]:
+    if p not in node:
+      raise ConfigError(f'config.{key}: no such field ({p!r} missing)')
+    node = node[p]
+  if parts[-1] not in node:
+    raise ConfigError(f'config.{key}: no such field')
+  old = node[parts[-1]]
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  try:
+    node[parts[-1]] = value
+  except TypeError as e:
+    raise ConfigError(f'config.{key}: cannot set {value!r} ({e})') from None
+
+
 def load_config_file(path: str, overrides=()) -> ConfigDict:
   """Loads `configs/NAME.py` (its `get_config()`), applies 'a.b=value' overrides, validates.
 
@@ -467,21 +489,5 @@ def load_config_file(path: str, overrides=()) -> ConfigDict:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
-    node = cfg
-    parts = key.split('.')
-    for p in parts[:-1]:
-      if p not in node:
-        raise ConfigError(f'config.{key}: no such field ({p!r} missing)')
-      node = node[p]
-    if parts[-1] not in node:
-      raise ConfigError(f'config.{key}: no such field')
-    old = node[parts[-1]]
-    if isinstance(old, float) and isinstance(value, int):
-      value = float(value)
-    if isinstance(old, tuple) and isinstance(value, list):
-      value = tuple(value)
-    try:
-      node[parts[-1]] = value
-    except TypeError as e:
-      raise ConfigError(f'config.{key}: cannot set {value!r} ({e})') from None
+    set_field(cfg, key, value)
   return validate(cfg)

@@ -179,26 +179,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 
 def apply_overrides(cfg, values: Mapping) -> None:
-  """Sets each dotted field of `cfg` (which must exist); int -> float and list -> tuple where the
-  field is a float / tuple (as `config.load_config_file` does)."""
+  """Sets each dotted field of `cfg` (which must exist), with `config.load_config_file`'s
+  coercions (`config.set_field`)."""
+  from unimedvl_jax.config import ConfigError, set_field
   for key, value in values.items():
-    node = cfg
-    parts = key.split('.')
-    for p in parts[:-1]:
-      if p not in node:
-        raise TorchImportError(f'--set {key}: no such config field ({p!r} missing)')
-      node = node[p]
-    if parts[-1] not in node:
-      raise TorchImportError(f'--set {key}: no such config field')
-    old = node[parts[-1]]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    if isinstance(old, tuple) and isinstance(value, list):
-      value = tuple(value)
     try:
-      node[parts[-1]] = value
-    except TypeError as e:
-      raise TorchImportError(f'--set {key}={value!r}: {e}') from None
+      set_field(cfg, key, value)
+    except ConfigError as e:
+      raise TorchImportError(f'--set {key}: {e}') from None
 
 
 # ------------------------------------------------------------------------- config derivation
