@@ -61,7 +61,7 @@ from unimedvl_jax.batch import vae_downsample
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.st_io import (DictSource, PrefixStrippedSource,
                                         SafetensorsSource, TensorSource, count_nonfinite,
-                                        np_dtype, write_file_atomic)
+                                        np_dtype, read_json_file, write_file_atomic)
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'merges.txt',
                    'special_tokens_map.json', 'added_tokens.json', 'generation_config.json',
@@ -129,13 +129,7 @@ def read_json(path: str, required: bool = True):
     if required:
       raise TorchImportError(f'{path} is missing')
     return None
-  try:
-    with open(path, 'rb') as fh:
-      d = json.loads(fh.read().decode('utf-8'))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise TorchImportError(f'{path}: malformed JSON ({e})') from None
-  except OSError as e:
-    raise TorchImportError(f'{path}: cannot be read ({e.strerror or e})') from None
+  d = read_json_file(path, TorchImportError)
   if not isinstance(d, dict):
     raise TorchImportError(f'{path}: expected a JSON object, got {type(d).__name__}')
   return d

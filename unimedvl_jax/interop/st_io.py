@@ -52,6 +52,17 @@ def np_dtype_of_st(name: str) -> np.dtype:
 
 # ------------------------------------------------------------------------------------- reading
 
+
+def read_json_file(path: str, error=ValueError):
+  """The parsed JSON of `path`; unreadable or malformed -> `error` with one line naming it."""
+  try:
+    with open(path, 'rb') as fh:
+      return json.loads(fh.read().decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f'{path}: malformed JSON ({e})') from None
+  except OSError as e:
+    raise error(f'{path}: cannot be read ({e.strerror or e})') from None
+
 class CheckpointFormatError(ValueError):
   """A checkpoint file cannot be read as what it claims to be (message: one line naming it)."""
 
@@ -229,13 +240,7 @@ class SafetensorsSource(TensorSource):
     Refused with a one-line error: malformed JSON, no weight_map, an entry that is not a plain
     file inside the index's folder (absolute paths, `..`, links leading out), a missing shard,
     a key the index places in a shard that does not hold it, or a shard tensor the index omits."""
-    try:
-      with open(index_path, 'rb') as fh:
-        idx = json.loads(fh.read().decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointFormatError(f'{index_path}: malformed JSON ({e})') from None
-    except OSError as e:
-      raise CheckpointFormatError(f'{index_path}: cannot be read ({e.strerror or e})') from None
+    idx = read_json_file(index_path, CheckpointFormatError)
     wm = idx.get('weight_map') if isinstance(idx, dict) else None
     if not isinstance(wm, dict) or not wm:
       raise CheckpointFormatError(f'{index_path}: no "weight_map" object (not a safetensors index)')
