@@ -76,19 +76,8 @@ def loadavg() -> list[float]:
 # ---------------------------------------------------------------------------------- batches
 
 def pipeline_batches(cfg, n: int, data_dir: str) -> list[dict]:
-  from unimedvl_jax.data import pipeline, synthetic
-  size = int(cfg.data.vae_max_size)
-  root = synthetic.ensure_dataset(os.path.join(data_dir, f'synthetic-s0-{size}-n64'), seed=0,
-                                  size=size, n_subjects=64)
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.root = root
-  cfg.data.num_workers = 0
-  it = pipeline.make_train_iterator(cfg)
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    if hasattr(it, 'close'):
-      it.close()
+  from side_by_side import pipeline_batches as batches_and_root   # benchmarks/ is on sys.path
+  return batches_and_root(cfg, n, data_dir)[0]
 
 
 # ---------------------------------------------------------------------------------- profile

@@ -154,7 +154,8 @@ def _text_batches(cfg, n):
   return out
 
 
-def _pipeline_batches(cfg, n, data_dir):
+def pipeline_batches(cfg, n, data_dir):
+  """(n real packed batches of the embedded dataset at cfg's image size, the data root)."""
   from unimedvl_jax.data import pipeline, synthetic
   size = int(cfg.data.vae_max_size)
   root = synthetic.ensure_dataset(os.path.join(data_dir, f'synthetic-s0-{size}-n64'), seed=0,
@@ -200,7 +201,7 @@ def build_project(kind, kw, data_dir, legacy=False):
   if kind == 'text':
     batches = _text_batches(cfg, n)      # the baseline's packer has the same interface
   else:
-    batches, root = _pipeline_batches(cfg, n, data_dir)
+    batches, root = pipeline_batches(cfg, n, data_dir)
     if kw.get('cache') == '1':
       if legacy:
         raise ValueError('the baseline has no latent cache')
