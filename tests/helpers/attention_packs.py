@@ -136,3 +136,19 @@ def realistic_pack(rng, T: int, max_sample: int | None = None):
 def realistic_batch(rng, B, T, **kw):
   metas = [realistic_pack(rng, T, **kw) for _ in range(B)]
   return tuple(np.stack([m[i] for m in metas]) for i in range(3))
+
+
+def fwd_bwd(attn):
+  """jit(q, k, v, meta..., cotangent) -> (out, (dq, dk, dv)): forward and backward, one compile."""
+  import jax
+
+  def f(q, k, v, seg, split, mode, ct):
+    out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg, split, mode), q, k, v)
+    return out, vjp(ct.astype(out.dtype))
+  return jax.jit(f)
+
+
+def rel_err(a, b) -> float:
+  """max |a - b| over max(1, max |b|), in float32."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))

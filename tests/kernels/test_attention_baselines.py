@@ -31,19 +31,13 @@ from unimedvl_jax.model.attention import attention, attention_mask, reference_at
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _fwd_bwd(attn):
-  def f(q, k, v, seg, split, mode, ct):
-    out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg, split, mode), q, k, v)
-    return out, vjp(ct.astype(out.dtype))
-  return jax.jit(f)
+_fwd_bwd = packs.fwd_bwd
 
 
 _reference = _fwd_bwd(reference_attention)
 
 
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+_rel_err = packs.rel_err
 
 
 def _t(layout, *xs):

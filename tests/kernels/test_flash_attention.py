@@ -35,20 +35,13 @@ def _qkv(rng, B, T, Hq, Hkv, D, dtype):
   return mk(B, T, Hq, D), mk(B, T, Hkv, D), mk(B, T, Hkv, D), mk(B, T, Hq, D)
 
 
-def _fwd_bwd(attn):
-  """jit(q, k, v, meta..., cotangent) -> (out, (dq, dk, dv)): forward and backward, one compile."""
-  def f(q, k, v, seg, split, mode, ct):
-    out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg, split, mode), q, k, v)
-    return out, vjp(ct.astype(out.dtype))
-  return jax.jit(f)
+_fwd_bwd = packs.fwd_bwd
 
 
 _reference = _fwd_bwd(reference_attention)
 
 
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+_rel_err = packs.rel_err
 
 
 def _skipped_key_positions(meta, T, bq, bk):
