@@ -11,7 +11,11 @@ Differences from tiny.py, each measured (benchmarks/RESULTS.md section 1):
   steps never run the VAE;
 - 800 / 600 / 800 LM steps (3x tiny's) and mixtures that give VQA more weight than the SPEC's:
   foundation keeps 75 % image->text / 25 % text->image, instruction is 50 / 35 / 15 editing,
-  unified 45 / 30 / 25.
+  unified 45 / 30 / 25;
+- the evaluation samples images without classifier-free guidance (cfg scales 1, 10 steps): at this
+  size the SPEC's guidance (text 4, image 2) amplifies the model's errors; on the same checkpoint
+  guidance-free editing gains 2 dB PSNR (modality translation 12.2 -> 14.2 dB, above copying
+  the input), segmentation Dice 0.27 -> 0.31, and text-to-image Frechet distance 0.95 -> 0.75.
 """
 
 import importlib.util
@@ -40,4 +44,6 @@ def get_config():
       unified=st('lm', 800, {'vqa': 0.3, 'report': 0.1, 'caption': 0.05, 't2i': 0.3,
                              'edit': 0.25}, mandatory=('edit',)),
   ))
+  cfg.eval.update(dict(image_steps=10, text_to_image=ConfigDict(dict(s_text=1.0)),
+                       editing=ConfigDict(dict(s_text=1.0, s_img=1.0))))
   return cfg

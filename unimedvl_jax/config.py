@@ -168,6 +168,14 @@ def train_defaults() -> ConfigDict:
   ))
 
 
+def eval_defaults() -> ConfigDict:
+  """The evaluation's image samplers (`--evaluate`, `python -m unimedvl_jax.evaluate`): overrides
+  of the FlowSettings fields of infer.image.TEXT_TO_IMAGE / EDITING (BAGEL's settings, SPEC 7),
+  e.g. editing=dict(s_text=1.0, s_img=1.0) for guidance-free editing; `image_steps` timesteps
+  unless the override names num_steps."""
+  return ConfigDict(dict(image_steps=20, text_to_image=ConfigDict(), editing=ConfigDict()))
+
+
 def mesh_defaults() -> ConfigDict:
   return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -180,6 +188,7 @@ def default_config() -> ConfigDict:
   cfg.data = data_defaults()
   cfg.train = train_defaults()
   cfg.mesh = mesh_defaults()
+  cfg.eval = eval_defaults()
   # The curriculum: `stages` orders the names; each `curriculum.<name>` is a stage dict:
   #   kind='lm' (the UniMedVL objective) | 'vae' (autoencoder reconstruction, for toy VAEs),
   #   steps, mixture (group -> weight), mandatory (group names), train (overrides of `train`),
@@ -413,12 +422,24 @@ def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
            f"must be True or False, got {t.get('lora')!r}")
 
 
+def validate_eval(e: ConfigDict, prefix: str = 'eval') -> None:
+  """Structure only; the sampler values are checked by infer.image.eval_flow_settings (which
+  `python -m unimedvl_jax.train --evaluate` calls before training)."""
+  _require(_integer(e.get('image_steps')) and e.image_steps >= 2, f'{prefix}.image_steps',
+           f"must be an integer >= 2, got {e.get('image_steps')!r}")
+  for k in ('text_to_image', 'editing'):
+    _require(isinstance(e.get(k), (ConfigDict, dict)), f'{prefix}.{k}',
+             f'must be a dict of sampler settings, got {e.get(k)!r}')
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Checks every section; returns cfg so it can be chained. Raises ConfigError."""
   validate_model(cfg.model)
   validate_data(cfg.data, cfg.model)
   validate_attention_blocks(cfg.model, cfg.data)
   validate_train(cfg.train)
+  if 'eval' in cfg:
+    validate_eval(cfg.eval)
   lora_rank = cfg.model.get('lora', lora_defaults()).rank
   _require(not cfg.train.get('lora', False) or lora_rank > 0, 'train.lora',
            'needs model.lora.rank > 0 (the adapters to train)')

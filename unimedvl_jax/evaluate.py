@@ -36,7 +36,7 @@ def define_flags():
   flags.DEFINE_string('samples-dir', None, 'write sample outputs (PNG grids, texts) here')
   flags.DEFINE_integer('batch-size', 8, 'requests per batch')
   flags.DEFINE_integer('seed', 0, 'base seed')
-  flags.DEFINE_integer('num-steps', None, 'override the sampler timesteps (default 50)')
+  flags.DEFINE_integer('num-steps', None, "override every sampler's timesteps (default: the config's eval settings, 20 steps)")
   flags.DEFINE_integer('max-new-tokens', None, 'override every task\'s text budget')
   flags.DEFINE_bool('ema', True, 'use the EMA weights (else the raw params)')
   flags.DEFINE_bool('int8', False, 'int8 weight-only inference (decoder projections and MLPs, '
@@ -76,9 +76,7 @@ def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None,
   tok = load_tokenizer(cfg, tokenizer, data_root)
   samples = harness.load_samples(files, root, log=log)
   kw = {}
-  if num_steps:
-    kw['flow_text_to_image'] = dataclasses.replace(I.TEXT_TO_IMAGE, num_steps=num_steps)
-    kw['flow_editing'] = dataclasses.replace(I.EDITING, num_steps=num_steps)
+  kw['flow_text_to_image'], kw['flow_editing'] = I.eval_flow_settings(cfg, num_steps)
   if max_new_tokens:
     kw['text_settings'] = {k: dataclasses.replace(v, max_new_tokens=max_new_tokens)
                            for k, v in harness.DEFAULT_TEXT.items()}
@@ -112,7 +110,7 @@ def main(argv):
       rep = evaluate_workdir(FLAGS.workdir, split=FLAGS.split,
                              max_per_task=FLAGS['max-samples'].value or 48,
                              vqa_samples=FLAGS['vqa-samples'].value,
-                             image_steps=FLAGS['num-steps'].value or 20, seed=FLAGS.seed,
+                             image_steps=FLAGS['num-steps'].value, seed=FLAGS.seed,
                              ablation=FLAGS.ablation)
     except (LoadError, FileNotFoundError, ValueError, DataError) as e:
       print(f'error: {e}', file=sys.stderr)

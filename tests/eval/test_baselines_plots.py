@@ -176,3 +176,37 @@ def test_labelled_grid_layout():
   c = lambda i, j: tuple(g[20 + i * (tile + pad) + tile // 2, pad + j * (tile + pad) + tile // 2])
   assert c(0, 0) == (255, 0, 0) and c(0, 1) == (77, 77, 77)
   assert c(1, 0) == (77, 77, 77) and c(1, 1) == (255, 0, 0)
+
+
+def test_eval_sampler_settings_from_config():
+  """config.eval overrides the SPEC 7 samplers field by field; a config without the section (an
+  older checkpoint's) gets them at 20 steps; a wrong field is a ConfigError naming it."""
+  import pytest
+  from ml_collections import ConfigDict
+  from unimedvl_jax.config import ConfigError, default_config, validate_eval
+  from unimedvl_jax.infer.image import eval_flow_settings
+  cfg = default_config()
+  t2i, edit = eval_flow_settings(cfg)
+  # SPEC 7 / BAGEL: t2i cfg_text 4, img 1, interval (0.4, 1], shift 3, global renorm;
+  # editing text 4, img 2, interval (0, 1], text_channel renorm
+  assert (t2i.num_steps, t2i.shift, t2i.s_text, t2i.s_img, t2i.interval, t2i.renorm) == (
+      20, 3.0, 4.0, 1.0, (0.4, 1.0), 'global')
+  assert (edit.num_steps, edit.s_text, edit.s_img, edit.interval, edit.renorm) == (
+      20, 4.0, 2.0, (0.0, 1.0), 'text_channel')
+  cfg.eval.editing = ConfigDict(dict(s_text=1.0, s_img=1.0, num_steps=5))
+  cfg.eval.image_steps = 8
+  t2i, edit = eval_flow_settings(cfg)
+  assert (t2i.num_steps, edit.num_steps, edit.s_text, edit.s_img, edit.renorm) == (
+      8, 5, 1.0, 1.0, 'text_channel')
+  assert [s.num_steps for s in eval_flow_settings(cfg, num_steps=3)] == [3, 3]
+  old = ConfigDict({k: v for k, v in cfg.items() if k != 'eval'})
+  assert [s.num_steps for s in eval_flow_settings(old)] == [20, 20]
+  cfg.eval.editing = ConfigDict(dict(guidance=2.0))
+  with pytest.raises(ConfigError, match='eval.editing.guidance'):
+    eval_flow_settings(cfg)
+  cfg.eval.editing = ConfigDict(dict(renorm='nope'))
+  with pytest.raises(ConfigError, match='eval.editing'):
+    eval_flow_settings(cfg)
+  cfg.eval.image_steps = 1
+  with pytest.raises(ConfigError, match='eval.image_steps'):
+    validate_eval(cfg.eval)

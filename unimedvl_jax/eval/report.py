@@ -501,10 +501,11 @@ def write_outputs(workdir: str, report: dict, *, tensorboard: bool = True, log=p
 
 def evaluate_workdir(workdir: str, *, split: str = 'test', max_per_task: int = 48,
                      vqa_samples: int | None = DEFAULT_MAX_SAMPLES['vqa'],
-                     image_steps: int = 20, seed: int = 0, ablation: bool = True,
+                     image_steps: int | None = None, seed: int = 0, ablation: bool = True,
                      tensorboard: bool = True, log=print) -> dict:
   """Loads the EMA weights of `workdir`, evaluates every task of its data's `split` (at most
-  max_per_task samples per task, vqa_samples for VQA), with the blank-input ablation of VQA and
+  max_per_task samples per task, vqa_samples for VQA; images sampled with the config's `eval`
+  settings, infer.image.eval_flow_settings, image_steps replacing their step counts), with the blank-input ablation of VQA and
   segmentation unless ablation=False, writes the report files and returns the report dict."""
   from unimedvl_jax.data import pipeline
   from unimedvl_jax.eval import harness
@@ -516,8 +517,7 @@ def evaluate_workdir(workdir: str, *, split: str = 'test', max_per_task: int = 4
   train = list(pipeline.iter_eval_samples(cfg, 'train')) if split != 'train' else None
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  t2i = flow_lib.FlowSettings(**{**flow_lib.TEXT_TO_IMAGE.__dict__, 'num_steps': image_steps})
-  edit = flow_lib.FlowSettings(**{**flow_lib.EDITING.__dict__, 'num_steps': image_steps})
+  t2i, edit = flow_lib.eval_flow_settings(cfg, image_steps)
   limits = {'default': max_per_task}
   if vqa_samples is not None:
     limits['vqa'] = vqa_samples

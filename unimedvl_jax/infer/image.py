@@ -77,6 +77,33 @@ TEXT_TO_IMAGE = FlowSettings()
 EDITING = FlowSettings(s_text=4.0, s_img=2.0, interval=(0.0, 1.0), renorm='text_channel')
 
 
+def eval_flow_settings(cfg, num_steps: int | None = None) -> tuple[FlowSettings, FlowSettings]:
+  """(text-to-image, editing) sampler settings of a config's `eval` section (config.eval_defaults:
+  overrides of TEXT_TO_IMAGE / EDITING at eval.image_steps steps; a config without the section,
+  e.g. an older checkpoint's, gets the defaults at 20 steps). num_steps, when given, replaces
+  every step count. Raises ConfigError naming a field that is not a valid sampler setting."""
+  from unimedvl_jax.config import ConfigError, eval_defaults
+  ev = cfg.get('eval') or eval_defaults()
+  fields = {f.name for f in dataclasses.fields(FlowSettings)}
+  out = []
+  for name, base in (('text_to_image', TEXT_TO_IMAGE), ('editing', EDITING)):
+    over = dict(ev.get(name) or {})
+    bad = sorted(set(over) - fields)
+    if bad:
+      raise ConfigError(f'eval.{name}.{bad[0]}: not a sampler setting (FlowSettings fields: '
+                        f'{sorted(fields)})')
+    over.setdefault('num_steps', int(ev.get('image_steps', 20)))
+    if num_steps:
+      over['num_steps'] = int(num_steps)
+    if 'interval' in over:
+      over['interval'] = tuple(over['interval'])
+    try:
+      out.append(dataclasses.replace(base, **over))
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f'eval.{name}: {e}') from None
+  return out[0], out[1]
+
+
 def timesteps(num_steps: int, shift: float):
   """(t [N-1], dt [N-1]) float32: shifted linspace(1, 0, N) without its last point, and the
   decrements ts[i] - ts[i+1]."""

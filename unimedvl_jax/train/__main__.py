@@ -31,6 +31,14 @@ def main(argv):
   from unimedvl_jax.train.checkpoint import CheckpointError
   from unimedvl_jax.train.loop import train
   from unimedvl_jax.train.workdir import WorkdirBusyError
+  if FLAGS.evaluate:   # a bad eval.* sampler setting fails now, not after training
+    from unimedvl_jax.config import ConfigError
+    from unimedvl_jax.infer.image import eval_flow_settings
+    try:
+      eval_flow_settings(FLAGS.config)
+    except ConfigError as e:
+      print(f'ConfigError: {e}', file=sys.stderr, flush=True)
+      sys.exit(1)
   try:
     summary = train(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
   except (CheckpointError, WorkdirBusyError) as e:   # one clear line, no traceback
