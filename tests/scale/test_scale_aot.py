@@ -1,4 +1,4 @@
-"""AOT planning without hardware (unimedvl_jax/aot.py): the real training step of a small
+"""AOT planning without hardware (unimedvl_jax/aot/): the real training step of a small
 tiny-config variant compiled for a TPU v5e 2x2 slice through libtpu, in a subprocess.
 
 Skipped when libtpu is not importable (install: pip install 'jax[tpu]==0.10.2', which pins
