@@ -19,12 +19,17 @@ TPU_WORKER_HOSTNAMES=localhost when it loads; JAX_PLATFORMS=cpu keeps the CPU ba
 loaded; `unimedvl_jax.inspect` calls it before it imports jax when --topology is given.
 ALLOW_MULTIPLE_LIBTPU_LOAD=1 is set too, so several planning processes can run at once.
 
-Attention dispatch. `model/attention.py` and the kernels pick the Pallas backend (and interpret
-mode) from `jax.default_backend()`, which is 'cpu' in this process. While lowering, `plan`
-answers 'tpu' to that question (a scoped patch of `jax.default_backend`), so
-`attention_impl='pallas'|'auto'` lowers the Mosaic TPU flash-attention kernels, not interpret
-mode. `attention_impl='xla'` lowers the reference attention (a dense [T, T] mask: it does not fit
-at 20k tokens; that is reported as such).
+Attention dispatch. `model/attention.py` picks the implementation for 'auto', the Pallas backend
+and interpret mode from the platform it is given (config `model.attention_platform`), not from
+this process's backend (the CPU). `plan` and `plan_generation` set `attention_platform='tpu'` on
+their copy of the config, so `attention_impl='pallas'|'auto'` lowers the Mosaic TPU
+flash-attention kernels, not interpret mode; nothing global is patched. `attention_impl='xla'`
+lowers the reference attention (a dense [T, T] mask: it does not fit at 20k tokens; that is
+reported as such).
+
+Modules: `topology` (chips, slice names, libtpu environment, abstract devices), `hlo_stats`
+(FLOPs and collectives of optimized HLO), `memory` (compile-or-OOM, per-chip bytes),
+`train_plan` (`plan`, `update_from_hlo`), `generation_plan` (`plan_generation`).
 
 What the returned dict holds (all memory numbers are per chip):
   fits            peak_memory_in_bytes <= the chip's usable HBM (or False when XLA:TPU refused

@@ -9,8 +9,8 @@ from typing import Any
 from unimedvl_jax.aot.hlo_stats import analyze_hlo
 from unimedvl_jax.aot.memory import (_with_shardings, compile_or_oom, conservative_bytes,
                                      state_bytes_per_chip)
-from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, _target_backend,
-                                       libtpu_available, parse_topology, prepare_env,
+from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, libtpu_available,
+                                       parse_topology, prepare_env,
                                        topology_devices)
 from unimedvl_jax.batch import vae_downsample
 
@@ -65,6 +65,7 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
   cfg = cfg.copy_and_resolve_references()
   if param_dtype:
     cfg.model.param_dtype = param_dtype
+  cfg.model.attention_platform = 'tpu'      # compiled for the target chips (see train_plan)
   cfg = validate(cfg)
   t0 = time.perf_counter()
   devices = topology_devices(spec)
@@ -83,7 +84,8 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
 
   abstract = nnx.eval_shape(lambda: UniMedVL(cfg.model, rngs=nnx.Rngs(0)))
   p = C.prepare(abstract)                                 # abstract per-layer modules
-  st_sh = sharding.state_shardings(p.state, mesh_obj)
+  rules = sharding.Rules.from_config(cfg)
+  st_sh = sharding.state_shardings(p.state, mesh_obj, rules)
   state = _with_shardings(p.state, st_sh)
   sp = C.Specials(3, 4, 5, 6)
   cap = C.bucket(prompt_tokens + 2, 64)
@@ -122,7 +124,7 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
   # resident during generation), so XLA's argument and peak bytes are the process's per chip
   step = I._step_velocity_jit
   jitted = jax.jit(step.fun, static_argnums=step.static_argnums, keep_unused=True)
-  with sharding.use_mesh(mesh_obj), _target_backend('tpu'):
+  with sharding.use_mesh(mesh_obj, rules):
     lowered = jitted.lower(p.static, state, (ctx, ctx), blk, x, t, settings, True)
   t1 = time.perf_counter()
   out['lower_seconds'] = round(t1 - t0, 1)

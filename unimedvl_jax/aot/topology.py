@@ -4,7 +4,6 @@ slice (`topology_devices`); plus whether this jax can describe CUDA GPUs offline
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -87,13 +86,11 @@ def prepare_env(topology: str | None = None) -> None:
   env.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   if topology:
     env.setdefault('TPU_ACCELERATOR_TYPE', parse_topology(topology).accelerator_type)
-  try:   # jax imported but no backend initialised yet: keep CPU the default backend
-    import jax
-    from jax._src import xla_bridge
-    if not xla_bridge._backends and not jax.config.jax_platforms:  # noqa: SLF001
-      jax.config.update('jax_platforms', 'cpu')
-  except Exception:  # noqa: BLE001 - best effort; the env var covers a fresh process
-    pass
+  # jax already imported (its config read JAX_PLATFORMS at import): keep the CPU the default
+  # backend when nothing chose the platforms (a backend created before this call stays as is)
+  import jax
+  if not jax.config.jax_platforms:
+    jax.config.update('jax_platforms', 'cpu')
 
 
 def libtpu_available() -> bool:
@@ -104,19 +101,6 @@ def libtpu_available() -> bool:
 def topology_devices(spec: TopologySpec):
   from jax.experimental import topologies
   return topologies.get_topology_desc(spec.name, 'tpu').devices
-
-
-@contextlib.contextmanager
-def _target_backend(platform: str):
-  """Makes code that asks `jax.default_backend()` while tracing see the AOT target platform."""
-  import jax
-  saved = jax.default_backend
-  jax.default_backend = lambda: platform
-  try:
-    yield
-  finally:
-    jax.default_backend = saved
-
 
 
 def gpu_offline_compile_check() -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
 
 from unimedvl_jax.aot.hlo_stats import analyze_hlo
 from unimedvl_jax.aot.memory import compile_or_oom, conservative_bytes, state_bytes_per_chip
-from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, _target_backend,
-                                       libtpu_available, parse_topology, prepare_env,
+from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, libtpu_available,
+                                       parse_topology, prepare_env,
                                        topology_devices)
 from unimedvl_jax.batch import latent_cache_path
 
@@ -23,17 +24,19 @@ def _first_lm_stage(cfg):
 
 def attention_impl_resolved(cfg) -> str:
   from unimedvl_jax.model import attention as attn_lib
-  return attn_lib.resolve_impl(cfg.model.attention_impl)
+  return attn_lib.resolve_impl(cfg.model.attention_impl,
+                               cfg.model.get('attention_platform', '') or None)
 
 
 def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = RESERVED_GIB,
-         adjust_batch: bool = True, hlo_path: str | None = None) -> dict[str, Any]:
+         adjust_batch: bool = False, hlo_path: str | None = None) -> dict[str, Any]:
   """AOT-compiles the training step of `cfg` for a TPU `topology`; see the module docstring.
 
   stage: the curriculum stage whose train settings (freeze, loss weights) are used; default the
   first 'lm' stage (or the plain `train` settings without a curriculum).
   adjust_batch: when data.batch_size is not a multiple of the batch-sharding axes
-  (data * fsdp), round it up to the next multiple (reported as `batch.adjusted_from`).
+  (data * fsdp), round it up to the next multiple (reported as `batch.adjusted_from`); off by
+  default: such a batch is a ConfigError naming the batch and the mesh, as in training.
   hlo_path: also write the optimized HLO text there.
   """
   spec = parse_topology(topology)
@@ -48,7 +51,10 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   if not libtpu_available():
     raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
                        '(pins libtpu==0.0.42.1)')
-  cfg = validate(cfg.copy_and_resolve_references())
+  cfg = cfg.copy_and_resolve_references()
+  # the attention is compiled for the target chips, not for this (CPU) process's backend
+  cfg.model.attention_platform = 'tpu'
+  cfg = validate(cfg)
   t0 = time.perf_counter()
   devices = topology_devices(spec)
   chip = TPU_CHIPS[spec.generation]
@@ -56,19 +62,19 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   hbm = chip['hbm_gib'] * GIB / per_chip
   peak = chip['peak_tflops'] * 1e12 / per_chip
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  rules = sharding.Rules.from_config(cfg)
+  shards = math.prod(mesh.shape[a] for a in rules.batch_axes())
   B0 = int(cfg.data.batch_size)
-  if B0 % shards:
-    if not adjust_batch:
-      raise ValueError(f'config.data.batch_size={B0} is not a multiple of data*fsdp={shards}')
+  if B0 % shards and adjust_batch:
     cfg.data.batch_size = -(-B0 // shards) * shards
+  sharding.check_batch(cfg.data.batch_size, mesh, rules)   # ConfigError naming both
   stage = stage if stage is not None else _first_lm_stage(cfg)
   tc = stage_train_config(cfg, stage)
 
   graphdef, abstract = step_lib.abstract_state(cfg)
   fn = step_lib.make_train_step(graphdef, cfg, tc, objective='lm')
   bspec = batch_lib.batch_spec(cfg)
-  jitted, st_sh, b_sh = step_lib.jit_train_step(fn, abstract, mesh, bspec)
+  jitted, st_sh, b_sh = step_lib.jit_train_step(fn, abstract, mesh, bspec, rules)
   abatch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in bspec.items()}
   flops_model = profiling.model_flops_per_step(cfg, frozen=tuple(tc.freeze))
   counts = profiling.param_counts(cfg.model)
@@ -102,8 +108,7 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   out['memory'] = {'state_bytes': state_bytes_per_chip(abstract, st_sh)}
 
   out['notes'] = []
-  with _target_backend('tpu'):
-    lowered = jitted.lower(abstract, abatch, jax.ShapeDtypeStruct((), jnp.float32))
+  lowered = jitted.lower(abstract, abatch, jax.ShapeDtypeStruct((), jnp.float32))
   t1 = time.perf_counter()
   out['lower_seconds'] = round(t1 - t0, 1)
   compiled, oom = compile_or_oom(lowered)
