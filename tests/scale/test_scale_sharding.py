@@ -113,23 +113,24 @@ def test_large_tensor_the_rules_cannot_split_is_a_start_up_error(golden_mod, abs
 
 
 def test_rules_are_config_with_fallbacks_and_heads_stay_whole(golden_mod):
+  from jax.sharding import PartitionSpec as P
   from unimedvl_jax import sharding
   from unimedvl_jax.config import default_config
   m8 = golden_mod.abstract_mesh({'data': 1, 'fsdp': 2, 'tensor': 8})
   rules = sharding.Rules.from_config(default_config())
   # 2-D projections [embed, heads * head_dim]: 'tensor' only where it divides the heads
   assert sharding.logical_to_spec(('embed', 'q_heads'), (3584, 28 * 128), m8, rules,
-                                  head_dim=128) == ('fsdp', None)      # 28 heads / 8: no
+                                  head_dim=128) == P('fsdp', None)     # 28 heads / 8: no
   assert sharding.logical_to_spec(('embed', 'q_heads'), (4096, 32 * 128), m8, rules,
-                                  head_dim=128) == ('fsdp', 'tensor')
+                                  head_dim=128) == P('fsdp', 'tensor')
   assert sharding.logical_to_spec(('embed', 'kv_heads'), (3584, 4 * 128), m8, rules,
-                                  head_dim=128) == ('fsdp', None)      # mid-head otherwise
+                                  head_dim=128) == P('fsdp', None)     # mid-head otherwise
   # an ordered rule list: a name's next rule is its fallback
   cfg = default_config()
   cfg.mesh.rules = (('kv_heads', 'tensor'), ('kv_heads', 'fsdp'), ('embed', None))
   fb = sharding.Rules.from_config(cfg)
   assert sharding.logical_to_spec(('embed', 'kv_heads'), (3584, 4 * 128), m8, fb,
-                                  head_dim=128) == (None, 'fsdp')
+                                  head_dim=128) == P(None, 'fsdp')
 
 
 def _clean_env(**extra):
