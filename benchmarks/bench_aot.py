@@ -1,8 +1,14 @@
 """AOT memory/FLOPs plans of the training step for TPU pod slices, without TPUs (libtpu only).
 
     python benchmarks/bench_aot.py --config configs/unimedvl_7b.py --topology v5p-128 \
+        --config.data.batch_size=64 \
         --out benchmarks/aot/v5p-128_fsdp.json [--hlo benchmarks/aot/v5p-128_fsdp.hlo.txt] \
-        [--config.model.attention_impl=pallas --config.mesh.tensor=4 ...]
+        [--config.model.attention_impl=pallas --config.mesh.tensor=4 ...] [--adjust_batch]
+
+The batch must divide over the mesh's batch axes (data x fsdp): otherwise the plan is a
+ConfigError naming both (the JSON's `error`), as training would be. `--adjust_batch` rounds it
+up instead (reported as `batch.adjusted_from`; how the JSONs in benchmarks/aot/ with
+`adjusted_from` were made, before that was an explicit choice).
 
 One plan per process (libtpu and the compile stay isolated; wrap it in `timeout`). Writes the
 JSON of `unimedvl_jax.aot.plan` (see its docstring) plus the command line. `--reanalyze HLO`
@@ -26,6 +32,7 @@ flags.DEFINE_string('out', None, 'JSON output path')
 flags.DEFINE_string('hlo', None, 'also save the optimized HLO text here')
 flags.DEFINE_string('reanalyze', None, 'HLO text to re-analyze into --out (no compile)')
 flags.DEFINE_string('table', None, 'print the markdown table of the JSONs in this folder')
+flags.DEFINE_bool('adjust_batch', False, 'round data.batch_size up to a multiple of data x fsdp')
 FLAGS = flags.FLAGS
 
 
@@ -101,7 +108,7 @@ def main(argv):
   aot.prepare_env(FLAGS.topology)
   cmd = 'python ' + ' '.join(sys.argv)
   try:
-    r = aot.plan(FLAGS.config, FLAGS.topology, hlo_path=FLAGS.hlo)
+    r = aot.plan(FLAGS.config, FLAGS.topology, hlo_path=FLAGS.hlo, adjust_batch=FLAGS.adjust_batch)
   except Exception as e:  # noqa: BLE001 - record the failure in the table
     r = {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
   r['command'] = cmd

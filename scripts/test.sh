@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export JAX_PLATFORMS=cpu
+if [ -d .libtpu/libtpu ]; then export UNIMEDVL_LIBTPU_PATH="${UNIMEDVL_LIBTPU_PATH:-$PWD/.libtpu}"; fi
 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" tests

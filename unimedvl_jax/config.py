@@ -75,6 +75,9 @@ def model_defaults() -> ConfigDict:
                                 # (block-sparse XLA) | 'xla' (dense reference) | 'pallas'
                                 # | 'splash' (TPU) | 'cudnn' (GPU)
       attention_block=64,       # query/key block of the 'blocked' attention
+      attention_platform='',    # platform the attention is compiled for ('cpu' | 'gpu' | 'tpu'):
+                                # '' = this process's default backend; the AOT planner sets
+                                # 'tpu' (it compiles for a TPU slice from a CPU process)
       remat='none',             # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
       scan_layers=True,
       init_std=0.02,
@@ -176,8 +179,44 @@ def eval_defaults() -> ConfigDict:
   return ConfigDict(dict(image_steps=20, text_to_image=ConfigDict(), editing=ConfigDict()))
 
 
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# logical axis name -> mesh axes (None = replicated; a mesh axis name or a tuple of them), in
+# order: a name may have several rules, the first whose axes divide the dimension wins (the others
+# are fallbacks); unimedvl_jax.sharding applies them. Head axes of the attention projections are
+# split on head boundaries only (the parameters' `head_dim` metadata).
+SHARDING_RULES = (
+    # activations
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    # parameters
+    ('embed', 'fsdp'),
+    ('vit_embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('vit_mlp', 'tensor'),
+    ('q_heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vit_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+    ('layers', None),
+    ('table', None),
+    ('vit_pos', None),
+)
+
+
 def mesh_defaults() -> ConfigDict:
-  return ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      rules=SHARDING_RULES,
+      # a tensor of the training state (parameter, optimizer moment, EMA) of at least this many
+      # bytes that the rules cannot split on a mesh whose rule axes have more than one device is
+      # a start-up ConfigError instead of being replicated on every device; 0 = no check
+      max_replicated_bytes=4 << 20,
+  ))
 
 
 def default_config() -> ConfigDict:
@@ -266,6 +305,9 @@ def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
   _require(m.attention_impl in _ATTN, f'{prefix}.attention_impl',
            f'must be one of {_ATTN}, got {m.attention_impl!r}')
   _require(m.remat in _REMAT, f'{prefix}.remat', f'must be one of {_REMAT}, got {m.remat!r}')
+  plat = m.get('attention_platform', '')
+  _require(plat in ('', 'cpu', 'gpu', 'tpu'), f'{prefix}.attention_platform',
+           f"must be '' (the default backend), 'cpu', 'gpu' or 'tpu', got {plat!r}")
   validate_lora(m.get('lora', lora_defaults()), f'{prefix}.lora')
   blk = m.get('attention_block', 64)
   _require(isinstance(blk, int) and blk > 0 and blk % 8 == 0, f'{prefix}.attention_block',
@@ -432,6 +474,30 @@ def validate_eval(e: ConfigDict, prefix: str = 'eval') -> None:
              f'must be a dict of sampler settings, got {e.get(k)!r}')
 
 
+def validate_mesh(m: ConfigDict, prefix: str = 'mesh') -> None:
+  """Mesh axis sizes and the sharding rules: (logical name, None | mesh axis | tuple of them)."""
+  for axis in MESH_AXES:
+    v = m[axis]
+    _require(isinstance(v, int) and (v == -1 or v >= 1), f'{prefix}.{axis}',
+             f'must be -1 (all remaining devices) or >= 1, got {v!r}')
+  rules = m.get('rules', SHARDING_RULES)
+  _require(isinstance(rules, (tuple, list)), f'{prefix}.rules',
+           f'must be a sequence of (logical name, mesh axes) pairs, got {rules!r}')
+  for r in rules:
+    ok = isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+    target = r[1] if ok else None
+    axes = () if target is None else (target,) if isinstance(target, str) else target
+    ok = ok and isinstance(axes, (tuple, list)) and all(a in MESH_AXES for a in axes)
+    _require(ok, f'{prefix}.rules', f'each rule is (logical name, None | mesh axis | tuple of '
+             f'mesh axes) with mesh axes from {MESH_AXES}, got {r!r}')
+  names = {r[0] for r in rules}
+  for need in ('batch',):
+    _require(need in names, f'{prefix}.rules', f'needs a rule for the logical axis {need!r}')
+  mb = m.get('max_replicated_bytes', 0)
+  _require(_integer(mb) and mb >= 0, f'{prefix}.max_replicated_bytes',
+           f'must be an integer >= 0 (0 = no check), got {mb!r}')
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Checks every section; returns cfg so it can be chained. Raises ConfigError."""
   validate_model(cfg.model)
@@ -443,10 +509,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   lora_rank = cfg.model.get('lora', lora_defaults()).rank
   _require(not cfg.train.get('lora', False) or lora_rank > 0, 'train.lora',
            'needs model.lora.rank > 0 (the adapters to train)')
-  for axis in ('data', 'fsdp', 'tensor'):
-    v = cfg.mesh[axis]
-    _require(isinstance(v, int) and (v == -1 or v >= 1), f'mesh.{axis}',
-             f'must be -1 (all remaining devices) or >= 1, got {v!r}')
+  validate_mesh(cfg.mesh)
   for name in cfg.stages:
     _require(name in cfg.curriculum, 'stages', f'stage {name!r} has no config.curriculum.{name}')
     st = cfg.curriculum[name]

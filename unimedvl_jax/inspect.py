@@ -6,7 +6,7 @@ prints JSON with parameter counts per component, `total` (without the VAE, count
 sin-cos tables as the reference checkpoint does) and `vae`, computed abstractly (no allocation),
 plus the analytic training FLOPs of one step at the config's budgets. With `--topology NAME`
 (e.g. v5p:4x4x4) it AOT-compiles the real training step for that TPU topology (see
-unimedvl_jax/aot.py) and adds memory, compiled FLOPs and the implied step time.
+unimedvl_jax/aot/) and adds memory, compiled FLOPs and the implied step time.
 """
 
 from __future__ import annotations

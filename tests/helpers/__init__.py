@@ -9,4 +9,5 @@ interop           the interop tests' tiny config, all-random model, bit-exact co
 torch_flux_vae    PyTorch transcription of FLUX's autoencoder (encoder / decoder)
 bagel_torch_ref   PyTorch reference of BAGEL's module tree and packed forward
 scale_configs     the small training config of the tests/scale/ subprocess checks
+libtpu            where the AOT tests find libtpu (not a test requirement), else a skip
 """

@@ -2,7 +2,6 @@
 2-layer tiny model on a TPU v5e 2x2 slice, compiled through libtpu in a subprocess. Skipped
 without libtpu. (The 14.6B plans are in benchmarks/aot_infer/.)"""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,19 +9,20 @@ import sys
 
 import pytest
 
+from tests.helpers.libtpu import require_libtpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 @pytest.mark.slow
 def test_plan_generation_tiny(tmp_path):
-  if importlib.util.find_spec('libtpu') is None:
-    pytest.skip("libtpu is not importable (pip install 'jax[tpu]==0.10.2')")
+  libtpu = require_libtpu()
   from unimedvl_jax import profiling
   from unimedvl_jax.config import load_config_file
   env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'JAX_', 'XLA_'))}
   env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
-      p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
+      p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))
   out = tmp_path / 'plan.json'
   over = ['model.llm.num_layers=2', 'model.vit.num_layers=1']
   cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'bench_aot_infer.py'), '--config',

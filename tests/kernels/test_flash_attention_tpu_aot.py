@@ -1,6 +1,7 @@
 """TPU proof without TPU hardware: AOT-compile the Mosaic flash-attention kernels for a TPU topology.
 
-With libtpu installed (requirements-test: `libtpu==0.0.42.1`, the version jax[tpu]==0.10.2 pins),
+With libtpu installed (the `aot` extra / requirements-aot.txt: `libtpu==0.0.42.1`, the version
+jax[tpu]==0.10.2 pins),
 `jax.experimental.topologies.get_topology_desc` gives abstract TPU devices on a CPU-only machine,
 and `jit(...).lower(...).compile()` runs the real Mosaic + XLA:TPU compilers. This checks that the
 'tpu' backend lowers and compiles (forward and backward, GQA and the ViT head dim 72), and reads
@@ -14,7 +15,6 @@ UNIMEDVL_LIBTPU_PATH at the directory that contains the `libtpu` package.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +22,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tests.helpers.libtpu import require_libtpu
 
 TOPOLOGY = 'v5e:2x2'
 
@@ -86,20 +88,9 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _libtpu_path() -> str | None:
-  extra = os.environ.get('UNIMEDVL_LIBTPU_PATH')
-  if extra and os.path.isdir(os.path.join(extra, 'libtpu')):
-    return extra
-  return '' if importlib.util.find_spec('libtpu') is not None else None
-
-
 @pytest.mark.slow
 def test_tpu_aot_compile_forward_backward():
-  libtpu = _libtpu_path()
-  if libtpu is None:
-    pytest.skip('libtpu is not importable (pip install libtpu==0.0.42.1, the version '
-                'jax[tpu]==0.10.2 pins, or set UNIMEDVL_LIBTPU_PATH): cannot AOT-compile '
-                'Mosaic kernels for a TPU topology')
+  libtpu = require_libtpu()
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu', TPU_SKIP_MDS_QUERY='1', TPU_WORKER_ID='0',

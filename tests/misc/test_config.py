@@ -23,6 +23,10 @@ def test_shipped_configs_validate(name):
     ('data.cfg_dropout_vit=1.5', 'data.cfg_dropout_vit'),
     ('train.freeze=("vae","decoderx")', 'train.freeze'),
     ('mesh.fsdp=0', 'mesh.fsdp'),
+    ('model.attention_platform=metal', 'model.attention_platform'),
+    ('mesh.rules=(("embed", "model"),)', 'mesh.rules'),
+    ('mesh.rules=(("embed", "fsdp"),)', 'mesh.rules'),
+    ('mesh.max_replicated_bytes=-1', 'mesh.max_replicated_bytes'),
     ('curriculum.foundation.steps=0', 'curriculum.foundation.steps'),
 ])
 def test_bad_values_fail_naming_the_field(override, field):

@@ -1,20 +1,21 @@
-"""AOT planning without hardware (unimedvl_jax/aot.py): the real training step of a small
+"""AOT planning without hardware (unimedvl_jax/aot/): the real training step of a small
 tiny-config variant compiled for a TPU v5e 2x2 slice through libtpu, in a subprocess.
 
 Skipped when libtpu is not importable (install: pip install 'jax[tpu]==0.10.2', which pins
-libtpu==0.0.42.1; it must not change jax/jaxlib). The big configurations are planned with
+libtpu==0.0.42.1, the `aot` extra; it must not change jax/jaxlib). The big configurations are planned with
 benchmarks/bench_aot.py (results in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from tests.helpers.libtpu import require_libtpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -76,20 +77,9 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
   assert r['collectives']['per_step']['all-reduce'] == 1
 
 
-def _libtpu_path():
-  extra = os.environ.get('UNIMEDVL_LIBTPU_PATH')
-  if extra and os.path.isdir(os.path.join(extra, 'libtpu')):
-    return extra
-  return '' if importlib.util.find_spec('libtpu') is not None else None
-
-
 @pytest.fixture(scope='module')
 def aot_result():
-  libtpu = _libtpu_path()
-  if libtpu is None:
-    pytest.skip("libtpu is not importable (pip install 'jax[tpu]==0.10.2', which pins "
-                'libtpu==0.0.42.1; or set UNIMEDVL_LIBTPU_PATH): cannot AOT-compile for a TPU '
-                'topology')
+  libtpu = require_libtpu()
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
   env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
@@ -143,3 +133,27 @@ def test_out_of_memory_is_reported(aot_result):
   oom = aot_result['oom']
   assert oom is not None and oom['message']
   assert oom.get('used_bytes', 0) > oom.get('capacity_bytes', 1) > 0, oom
+
+
+@pytest.mark.slow
+def test_plan_of_a_batch_that_does_not_divide_is_a_config_error():
+  """configs/unimedvl_7b.py's batch 8 on v5p-128 (64 chips; fsdp=-1): a ConfigError naming the
+  batch and the mesh at plan time (it used to be rounded up to 64 silently)."""
+  libtpu = require_libtpu()
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}
+  env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
+      p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))
+  script = ("from unimedvl_jax import aot\n"
+            "aot.prepare_env('v5p-128')\n"
+            "from unimedvl_jax.config import ConfigError, load_config_file\n"
+            "cfg = load_config_file('configs/unimedvl_7b.py')\n"
+            "try:\n"
+            "  aot.plan(cfg, 'v5p-128')\n"
+            "except ConfigError as e:\n"
+            "  print('CONFIG_ERROR', e)\n")
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        timeout=600, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('CONFIG_ERROR ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+  assert 'data.batch_size=8' in lines[0] and 'fsdp=64' in lines[0], lines[0]

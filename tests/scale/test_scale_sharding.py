@@ -89,6 +89,50 @@ def test_fsdp_replicates_no_large_tensor(golden_mod, abstract_7b, mesh):
   assert per_dev <= 1.05 * total / n + 64 * MiB, (per_dev / 2**30, total / n / 2**30)
 
 
+def test_batch_that_does_not_divide_is_a_start_up_error(golden_mod):
+  """configs/unimedvl_7b.py's batch 8 on v5p-128 (64 chips, fsdp=-1 -> 64 batch shards): the
+  step builder raises ConfigError naming the batch and the mesh, before anything is compiled."""
+  from unimedvl_jax import batch as batch_lib
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.train import step as step_lib
+  cfg = golden_mod.load_config('unimedvl_7b')
+  assert cfg.data.batch_size == 8
+  mesh = golden_mod.abstract_mesh({'data': 1, 'fsdp': 64, 'tensor': 1})
+  with pytest.raises(ConfigError, match=r'data\.batch_size=8 .*fsdp=64.* 64 shards'):
+    step_lib.jit_train_step(None, None, mesh, batch_lib.batch_spec(cfg))
+
+
+def test_large_tensor_the_rules_cannot_split_is_a_start_up_error(golden_mod, abstract_7b):
+  """tensor=7 divides neither the MLP width (18944) nor the embed axis' rule (fsdp=1): the
+  MLP kernels would be replicated on every chip; that is a ConfigError naming them."""
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.train import step as step_lib
+  mesh = golden_mod.abstract_mesh({'data': 1, 'fsdp': 1, 'tensor': 7})
+  with pytest.raises(ConfigError, match=r'tensor=7.*gate_proj.*max_replicated_bytes'):
+    step_lib.state_shardings(abstract_7b, mesh)
+
+
+def test_rules_are_config_with_fallbacks_and_heads_stay_whole(golden_mod):
+  from jax.sharding import PartitionSpec as P
+  from unimedvl_jax import sharding
+  from unimedvl_jax.config import default_config
+  m8 = golden_mod.abstract_mesh({'data': 1, 'fsdp': 2, 'tensor': 8})
+  rules = sharding.Rules.from_config(default_config())
+  # 2-D projections [embed, heads * head_dim]: 'tensor' only where it divides the heads
+  assert sharding.logical_to_spec(('embed', 'q_heads'), (3584, 28 * 128), m8, rules,
+                                  head_dim=128) == P('fsdp', None)     # 28 heads / 8: no
+  assert sharding.logical_to_spec(('embed', 'q_heads'), (4096, 32 * 128), m8, rules,
+                                  head_dim=128) == P('fsdp', 'tensor')
+  assert sharding.logical_to_spec(('embed', 'kv_heads'), (3584, 4 * 128), m8, rules,
+                                  head_dim=128) == P('fsdp', None)     # mid-head otherwise
+  # an ordered rule list: a name's next rule is its fallback
+  cfg = default_config()
+  cfg.mesh.rules = (('kv_heads', 'tensor'), ('kv_heads', 'fsdp'), ('embed', None))
+  fb = sharding.Rules.from_config(cfg)
+  assert sharding.logical_to_spec(('embed', 'kv_heads'), (3584, 4 * 128), m8, fb,
+                                  head_dim=128) == P(None, 'fsdp')
+
+
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('TPU_', 'JAX_', 'XLA_', 'SLURM_', 'OMPI_', 'MEGASCALE'))}

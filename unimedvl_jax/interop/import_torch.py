@@ -76,8 +76,8 @@ VAE_META_PREFIX = 'unimedvl.vae.'             # ae.safetensors metadata keys wri
 VAE_SETTINGS = {'norm_groups': (int, 32), 'norm_eps': (float, 1e-6),
                 'scale_factor': (float, 0.3611), 'shift_factor': (float, 0.1159)}
 # Model fields that are run settings, not facts of the checkpoint: --set may change them freely.
-RUN_FIELDS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_layers',
-              'model.ce_chunk', 'model.init_std')
+RUN_FIELDS = ('model.dtype', 'model.attention_impl', 'model.attention_platform', 'model.remat',
+              'model.scan_layers', 'model.ce_chunk', 'model.init_std')
 _DTYPE_NAMES = {'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32',
                 'fp16': 'float16', 'float16': 'float16'}
 

@@ -60,29 +60,45 @@ KERNEL_IMPLS = ('pallas', 'splash', 'cudnn')   # what runs under shard_map, one 
 ANY_ORDER_IMPLS = ('xla', 'blocked')
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'pallas' on TPU and GPU, 'blocked' elsewhere; any other name is returned checked."""
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+
+
+def resolve_platform(platform: str | None = None) -> str:
+  """The platform the attention is compiled for: `platform` when given (config
+  `model.attention_platform`; AOT planning sets 'tpu' while this process's backend is the CPU),
+  else this process's default backend."""
+  if not platform:
+    return jax.default_backend()
+  if platform not in PLATFORMS:
+    raise ValueError(f'unknown attention platform {platform!r}; choose from {PLATFORMS}')
+  return platform
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """'auto' -> 'pallas' on TPU and GPU, 'blocked' elsewhere; any other name is returned checked.
+  platform: see `resolve_platform`."""
   if impl == 'auto':
-    return 'pallas' if jax.default_backend() in ('tpu', 'gpu') else 'blocked'
+    return 'pallas' if resolve_platform(platform) in ('tpu', 'gpu') else 'blocked'
   if impl not in IMPLS:
     raise ValueError(f'unknown attention_impl {impl!r}; choose from {IMPLS}')
   return impl
 
 
-def preferred_layout(impl: str) -> str:
+def preferred_layout(impl: str, platform: str | None = None) -> str:
   """The q/k/v layout an implementation consumes without transposing: 'bhtd' (head-major) for
   the TPU kernels (Pallas 'tpu' backend, splash), 'bthd' (token-major) otherwise."""
-  impl = resolve_impl(impl)
-  if impl == 'splash' or (impl == 'pallas' and jax.default_backend() == 'tpu'):
+  platform = resolve_platform(platform)
+  impl = resolve_impl(impl, platform)
+  if impl == 'splash' or (impl == 'pallas' and platform == 'tpu'):
     return 'bhtd'
   return 'bthd'
 
 
 def attention_plan(segment_ids, split_ids, split_modes, token_idx=None, *, impl: str,
-                   block: int = 64):
+                   block: int = 64, platform: str | None = None):
   """The backend's per-step precomputation for this metadata (the blocked attention's work
   list), or None. Compute it once outside a layer scan and pass it to every layer's call."""
-  if resolve_impl(impl) != 'blocked':
+  if resolve_impl(impl, platform) != 'blocked':
     return None
   from unimedvl_jax.kernels.blocked_xla import plan_for
   return plan_for(segment_ids, split_ids, split_modes, token_idx, block_q=block, block_k=block)
@@ -90,7 +106,7 @@ def attention_plan(segment_ids, split_ids, split_modes, token_idx=None, *, impl:
 
 def attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
               impl: str = 'blocked', scale=None, layout: str = 'bthd', block: int = 64,
-              plan=None):
+              plan=None, platform: str | None = None):
   """Dispatch over the attention implementations (config `model.attention_impl`):
 
     'blocked' block-sparse XLA (kernels/blocked_xla.py): the default where Pallas does not run
@@ -106,15 +122,20 @@ def attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
   layout: 'bthd' q [B, T, Hq, D] (k, v with Hkv heads) or 'bhtd' [B, Hq, T, D]; the output has
   q's layout. token_idx [B, T]: sequence index of each entry when the tokens are not in sequence
   order ('blocked' and 'xla' only, token-major). plan: from `attention_plan` for the same
-  metadata (shared by the layers of a stack). Every implementation is differentiable in q, k, v.
+  metadata (shared by the layers of a stack). platform: the target platform ('cpu' | 'gpu' |
+  'tpu'; None = this process's default backend), which picks 'auto', the Pallas backend,
+  interpret mode and cuDNN; the caller passes it (config `model.attention_platform`), nothing
+  here patches or reads a global. A multi-device mesh comes from jax's mesh context
+  (`jax.set_mesh` / `sharding.use_mesh`). Every implementation is differentiable in q, k, v.
   """
-  impl = resolve_impl(impl)
+  platform = resolve_platform(platform)
+  impl = resolve_impl(impl, platform)
   if layout not in ('bthd', 'bhtd'):
     raise ValueError(f"layout must be 'bthd' or 'bhtd', got {layout!r}")
   if impl in ANY_ORDER_IMPLS and layout == 'bhtd':
     t = lambda x: x.transpose(0, 2, 1, 3)
     return t(attention(t(q), t(k), t(v), segment_ids, split_ids, split_modes, token_idx,
-                       impl=impl, scale=scale, block=block, plan=plan))
+                       impl=impl, scale=scale, block=block, plan=plan, platform=platform))
   if impl == 'xla':
     return reference_attention(q, k, v, segment_ids, split_ids, split_modes, token_idx,
                                scale=scale)
@@ -125,13 +146,14 @@ def attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
   if token_idx is not None:
     raise ValueError(f'attention_impl {impl!r} needs the tokens in sequence order')
   from unimedvl_jax import sharding
-  on_cpu = jax.default_backend() == 'cpu'
+  on_cpu = platform == 'cpu'
   if impl == 'pallas':
     from unimedvl_jax.kernels.flash_attention import flash_attention
+    backend = 'tpu' if platform == 'tpu' else 'generic'
 
     def kernel(q, k, v, seg, split, mode):
       return flash_attention(q, k, v, seg, split, mode, scale=scale, interpret=on_cpu,
-                             layout=layout)
+                             layout=layout, backend=backend)
   elif impl == 'splash':
     from unimedvl_jax.kernels.splash import splash_attention
 
@@ -140,7 +162,7 @@ def attention(q, k, v, segment_ids, split_ids, split_modes, token_idx=None, *,
                               layout=layout)
   else:
     from unimedvl_jax.kernels.cudnn_attention import cudnn_attention
-    implementation = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+    implementation = 'cudnn' if platform == 'gpu' else 'xla'
 
     def kernel(q, k, v, seg, split, mode):
       return cudnn_attention(q, k, v, seg, split, mode, scale=scale, layout=layout,

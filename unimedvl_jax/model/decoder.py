@@ -34,10 +34,14 @@ class Expert(nnx.Module):
     H, D = llm.hidden_size, llm.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, init_std=init_std)
     self.num_heads, self.num_kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, D
-    self.q_proj = Linear(H, llm.num_heads * D, use_bias=True, axes=('embed', 'q_heads'), **kw)
-    self.k_proj = Linear(H, llm.num_kv_heads * D, use_bias=True, axes=('embed', 'kv_heads'), **kw)
-    self.v_proj = Linear(H, llm.num_kv_heads * D, use_bias=True, axes=('embed', 'kv_heads'), **kw)
-    self.o_proj = Linear(llm.num_heads * D, H, use_bias=False, axes=('q_heads', 'embed'), **kw)
+    self.q_proj = Linear(H, llm.num_heads * D, use_bias=True, axes=('embed', 'q_heads'),
+                         head_dim=D, **kw)
+    self.k_proj = Linear(H, llm.num_kv_heads * D, use_bias=True, axes=('embed', 'kv_heads'),
+                         head_dim=D, **kw)
+    self.v_proj = Linear(H, llm.num_kv_heads * D, use_bias=True, axes=('embed', 'kv_heads'),
+                         head_dim=D, **kw)
+    self.o_proj = Linear(llm.num_heads * D, H, use_bias=False, axes=('q_heads', 'embed'),
+                         head_dim=D, **kw)
     nkw = dict(eps=llm.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
     self.qk_norm = bool(llm.qk_norm)
     if self.qk_norm:

@@ -3,8 +3,9 @@
 Conventions:
 - Parameters are stored in `param_dtype` (fp32 masters) and cast to the compute `dtype` at use.
 - Linear kernels are [in, out] (torch's [out, in] transposed; interop only transposes).
-- Every parameter carries logical axis names (`sharding_names` metadata); `unimedvl_jax.sharding`
-  maps them to mesh axes through ONE rules table.
+- Every parameter carries logical axis names (`out_sharding` metadata); `unimedvl_jax.sharding`
+  maps them to mesh axes through the rules of the config (`config.mesh.rules`). The attention
+  projections also carry `head_dim`, so their [.., heads * head_dim] dims split on heads only.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ def normal_init(std: float):
 
 
 def make_param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
-               param_dtype=jnp.float32) -> nnx.Param:
+               param_dtype=jnp.float32, head_dim: int | None = None) -> nnx.Param:
+  """head_dim: the size of one head along the head axes ('q_heads', 'kv_heads', 'vit_heads') of
+  this parameter, whose dims there are heads * head_dim (sharding splits them on heads only)."""
   assert len(axes) == len(shape), (shape, axes)
   key = rngs.params() if rngs is not None else jax.random.key(0)
-  return nnx.Param(init(key, tuple(shape), param_dtype), out_sharding=tuple(axes))
+  meta = {} if head_dim is None else {'head_dim': int(head_dim)}
+  return nnx.Param(init(key, tuple(shape), param_dtype), out_sharding=tuple(axes), **meta)
 
 
 @jax.custom_vjp
@@ -81,12 +85,13 @@ class Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
                axes: tuple[str | None, str | None] = ('embed', 'mlp'), dtype='float32',
-               param_dtype='float32', init_std: float = 0.02, zero_init: bool = False):
+               param_dtype='float32', init_std: float = 0.02, zero_init: bool = False,
+               head_dim: int | None = None):
     pdt = to_dtype(param_dtype)
     init = jax.nn.initializers.zeros if zero_init else normal_init(init_std)
-    self.kernel = make_param(rngs, init, (in_features, out_features), axes, pdt)
-    self.bias = (make_param(rngs, jax.nn.initializers.zeros, (out_features,), (axes[1],), pdt)
-                 if use_bias else None)
+    self.kernel = make_param(rngs, init, (in_features, out_features), axes, pdt, head_dim)
+    self.bias = (make_param(rngs, jax.nn.initializers.zeros, (out_features,), (axes[1],), pdt,
+                            head_dim) if use_bias else None)
     self.dtype = to_dtype(dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

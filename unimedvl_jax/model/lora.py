@@ -59,9 +59,11 @@ class LoRALinear(Linear):
     pdt = base.kernel.dtype
     bound = 1.0 / np.sqrt(n_in)   # PEFT's default A init (kaiming-uniform, a = sqrt(5))
     a = jax.random.uniform(rngs.params(), lead + (n_in, rank), pdt, -bound, bound)
-    self.lora_a = nnx.Param(a, out_sharding=axes[:-1] + (None,))
+    hd = base.kernel.get_metadata().get('head_dim')     # heads stay whole (sharding.py)
+    meta = {} if hd is None else {'head_dim': hd}
+    self.lora_a = nnx.Param(a, out_sharding=axes[:-1] + (None,), **meta)
     self.lora_b = nnx.Param(jnp.zeros(lead + (rank, n_out), pdt),
-                            out_sharding=axes[:-2] + (None, axes[-1]))
+                            out_sharding=axes[:-2] + (None, axes[-1]), **meta)
     self.lora_scale = float(alpha) / int(rank)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -51,8 +51,10 @@ class Int8Linear(nnx.Module):
   def __init__(self, base: Linear):
     axes = tuple(base.kernel.get_metadata().get('out_sharding') or (None,) * base.kernel.ndim)
     q, s = quantize_kernel(base.kernel[...])
-    self.kernel = nnx.Param(q, out_sharding=axes)
-    self.scale = nnx.Param(s, out_sharding=axes[:-2] + (axes[-1],))
+    hd = base.kernel.get_metadata().get('head_dim')     # heads stay whole (sharding.py)
+    meta = {} if hd is None else {'head_dim': hd}
+    self.kernel = nnx.Param(q, out_sharding=axes, **meta)
+    self.scale = nnx.Param(s, out_sharding=axes[:-2] + (axes[-1],), **meta)
     self.bias = base.bias
     self.dtype = base.dtype
 

@@ -102,30 +102,33 @@ def vae_bucket_keys(batch) -> list[str]:
   return sorted(sizes, key=sizes.get)
 
 
-def packed_attend(perm, inv, meta, U: int, impl: str, block: int = 64):
+def packed_attend(perm, inv, meta, U: int, impl: str, block: int = 64,
+                  platform: str | None = None):
   """The decoder's attention for a packed sequence whose experts run on permuted streams.
 
   q/k/v of the two experts are concatenated (expert order: the understanding stream, then the
   generation stream). Backends that take any token order (the blocked and the dense XLA
   attention) run on that order directly, with the permuted metadata and each token's sequence
   index; the others (Pallas) get q/k/v gathered into sequence order and the output gathered back.
-  The output is split [:U] / [U:].
+  The output is split [:U] / [U:]. platform: the attention's target platform
+  (`attn_lib.resolve_platform`; config `model.attention_platform`).
   """
-  if attn_lib.resolve_impl(impl) in attn_lib.ANY_ORDER_IMPLS:
+  if attn_lib.resolve_impl(impl, platform) in attn_lib.ANY_ORDER_IMPLS:
     pmeta = tuple(_take_rows(a, perm) for a in meta)
     # one work list for every layer (computed here, outside the decoder's layer scan)
-    plan = attn_lib.attention_plan(*pmeta, perm, impl=impl, block=block)
+    plan = attn_lib.attention_plan(*pmeta, perm, impl=impl, block=block, platform=platform)
 
     def attend(qkv_u, qkv_g, extra):
       q, k, v = (jnp.concatenate([a, b], axis=1) for a, b in zip(qkv_u, qkv_g))
-      o = attn_lib.attention(q, k, v, *pmeta, perm, impl=impl, block=block, plan=plan)
+      o = attn_lib.attention(q, k, v, *pmeta, perm, impl=impl, block=block, plan=plan,
+                             platform=platform)
       return (o[:, :U], o[:, U:]), extra
     return attend
 
   def attend(qkv_u, qkv_g, extra):
     to_seq = lambda a, b: _take_rows(jnp.concatenate([a, b], axis=1), inv)
     q, k, v = (to_seq(a, b) for a, b in zip(qkv_u, qkv_g))
-    o = attn_lib.attention(q, k, v, *meta, impl=impl)
+    o = attn_lib.attention(q, k, v, *meta, impl=impl, platform=platform)
     o = _take_rows(o, perm)
     return (o[:, :U], o[:, U:]), extra
   return attend
@@ -143,6 +146,7 @@ class UniMedVL(nnx.Module):
     self.head_dim = llm.head_dim
     self.rope_theta = float(llm.rope_theta)
     self.attention_impl = cfg_model.attention_impl
+    self.attention_platform = cfg_model.get('attention_platform', '') or None
     self.attention_block = int(cfg_model.get('attention_block', 64))
     self.ce_chunk = int(cfg_model.get('ce_chunk', 8192))
     self.latent_patch = cfg_model.latent_patch_size
@@ -279,7 +283,8 @@ class UniMedVL(nnx.Module):
     rope_u = self.rope(_take_rows(positions, und_idx))
     rope_g = self.rope(_take_rows(positions, gen_idx))
     meta = (batch['segment_ids'], batch['split_ids'], batch['split_modes'])
-    attend = packed_attend(perm, inv, meta, U, self.attention_impl, self.attention_block)
+    attend = packed_attend(perm, inv, meta, U, self.attention_impl, self.attention_block,
+                           self.attention_platform)
     h_u, h_g, _ = self.decoder(x_u, x_g, rope_u, rope_g, attend)
     return h_u, h_g, target
 

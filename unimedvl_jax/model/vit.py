@@ -105,13 +105,15 @@ class SiglipAttention(nnx.Module):
     D = v.hidden_size
     kw = dict(rngs=rngs, use_bias=True, dtype=cfg_model.dtype, param_dtype=cfg_model.param_dtype,
               init_std=cfg_model.init_std)
-    self.q_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), **kw)
-    self.k_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), **kw)
-    self.v_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), **kw)
-    self.out_proj = Linear(D, D, axes=('vit_heads', 'vit_embed'), **kw)
+    hd = D // v.num_heads
+    self.q_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), head_dim=hd, **kw)
+    self.k_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), head_dim=hd, **kw)
+    self.v_proj = Linear(D, D, axes=('vit_embed', 'vit_heads'), head_dim=hd, **kw)
+    self.out_proj = Linear(D, D, axes=('vit_heads', 'vit_embed'), head_dim=hd, **kw)
     self.num_heads = v.num_heads
     self.head_dim = D // v.num_heads
     self.impl = cfg_model.attention_impl
+    self.platform = cfg_model.get('attention_platform', '') or None
 
   def __call__(self, x, segment_ids, plan=None):
     B, P, _ = x.shape
@@ -119,7 +121,8 @@ class SiglipAttention(nnx.Module):
     q = self.q_proj(x).reshape(shape)
     k = self.k_proj(x).reshape(shape)
     v = self.v_proj(x).reshape(shape)
-    o = attn_lib.attention(q, k, v, *vit_meta(segment_ids), impl=self.impl, plan=plan)
+    o = attn_lib.attention(q, k, v, *vit_meta(segment_ids), impl=self.impl, plan=plan,
+                            platform=self.platform)
     return self.out_proj(o.reshape(B, P, self.num_heads * self.head_dim))
 
 
@@ -153,10 +156,12 @@ class SiglipEncoder(nnx.Module):
     self.remat = cfg_model.remat
     self.scan = bool(cfg_model.scan_layers)
     self.impl = cfg_model.attention_impl
+    self.platform = cfg_model.get('attention_platform', '') or None
 
   def __call__(self, x, segment_ids):
     # the attention's work list once for every layer (outside the scan)
-    plan = attn_lib.attention_plan(*vit_meta(segment_ids), impl=self.impl)
+    plan = attn_lib.attention_plan(*vit_meta(segment_ids), impl=self.impl,
+                                   platform=self.platform)
 
     def body(layer, h, _):
       return layer(h, segment_ids, plan), None

@@ -251,6 +251,8 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
     json.dump(config_to_json(cfg), f, indent=1)
 
   mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.Rules.from_config(cfg)
+  sharding.check_batch(cfg.data.batch_size, mesh, rules)
   plan = stage_plan(cfg)
   # the state's structure depends on train.lora (the optimizer state holds the adapters alone)
   abstracts: dict = {}
@@ -258,7 +260,7 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
   def abstract_for(lora: bool):
     if lora not in abstracts:
       g, a = step_lib.abstract_state(cfg, lora=lora)
-      abstracts[lora] = (g, a, step_lib.state_shardings(a, mesh))
+      abstracts[lora] = (g, a, step_lib.state_shardings(a, mesh, rules))
     return abstracts[lora]
 
   graphdef, _, _ = abstract_for(stage_lora(cfg, plan[0]))
@@ -329,7 +331,7 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
                          if k not in STAGE_DYNAMIC_FIELDS}, sort_keys=True, default=str))
       if key not in compiled:
         fn = step_lib.make_train_step(graphdef, cfg, tc, objective=st['kind'])
-        compiled[key] = step_lib.jit_train_step(fn, abstract, mesh, spec)
+        compiled[key] = step_lib.jit_train_step(fn, abstract, mesh, spec, rules)
       jitted, _, b_sh = compiled[key]
       # MFU numerator: the LM step's model FLOPs, or the autoencoder's for a 'vae' stage (whose
       # tokens_per_s still counts the packs' tokens, which that objective does not process)

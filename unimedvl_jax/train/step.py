@@ -149,15 +149,17 @@ def abstract_state(cfg, lora: bool | None = None):
   return out['g'], abstract
 
 
-def state_shardings(abstract, mesh):
-  """Shardings of the whole training state from the parameters' logical axes."""
-  sh = sharding.state_shardings
+def state_shardings(abstract, mesh, rules=None):
+  """Shardings of the whole training state from the parameters' logical axes (`rules`:
+  sharding.Rules of the config, default config.mesh_defaults()). A large tensor the rules cannot
+  split on this mesh is a ConfigError (sharding.state_shardings), not silently replicated."""
+  sh = lambda tree: sharding.state_shardings(tree, mesh, rules, check_replicated=True)
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return {
-      'params': sh(abstract['params'], mesh),
-      'buffers': sh(abstract['buffers'], mesh),
-      'opt_state': sh(abstract['opt_state'], mesh),
-      'ema': sh(abstract['ema'], mesh),
+      'params': sh(abstract['params']),
+      'buffers': sh(abstract['buffers']),
+      'opt_state': sh(abstract['opt_state']),
+      'ema': sh(abstract['ema']),
       'meta': jax.tree.map(lambda _: rep, abstract['meta']),
   }
 
@@ -309,14 +311,19 @@ def switch_optimizer(tc, state: dict, lora: bool, shardings=None) -> dict:
   return {**state, 'opt_state': init(state['params'])}
 
 
-def jit_train_step(train_step, abstract, mesh, batch_spec_shapes):
-  """jax.jit with explicit in/out shardings and the state donated."""
-  st_sh = state_shardings(abstract, mesh)
-  b_sh = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in batch_spec_shapes.items()}
+def jit_train_step(train_step, abstract, mesh, batch_spec_shapes, rules=None):
+  """jax.jit with explicit in/out shardings and the state donated; the mesh (and the sharding
+  `rules`, default config.mesh_defaults()) are jax's mesh context while the step is traced.
+  Raises ConfigError when the batch does not divide over the mesh's batch axes."""
+  for shape, _ in batch_spec_shapes.values():
+    sharding.check_batch(shape[0], mesh, rules)
+  st_sh = state_shardings(abstract, mesh, rules)
+  b_sh = {k: sharding.batch_sharding(mesh, len(shape), rules)
+          for k, (shape, _) in batch_spec_shapes.items()}
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def wrapped(state, batch, lr):
-    with sharding.use_mesh(mesh):
+    with sharding.use_abstract_mesh(mesh, rules):
       return train_step(state, batch, lr)
 
   return jax.jit(wrapped, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
