@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from unimedvl_jax import profiling, sharding  # noqa: E402
 from unimedvl_jax import batch as batch_lib  # noqa: E402
@@ -238,12 +239,11 @@ def bench(args) -> dict:
   graphdef, abstract = step_lib.abstract_state(cfg)
   st_sh = step_lib.state_shardings(abstract, mesh)
   tc = stage_train_config(cfg, args.stage)
-  fn = step_lib.make_train_step(graphdef, cfg, tc)
+  fn = step_lib.make_train_step(graphdef, cfg, tc, schedule=optax.constant_schedule(1e-4))
   jitted, _, b_sh = step_lib.jit_train_step(fn, abstract, mesh, spec)
   b_abs = {k: jax.ShapeDtypeStruct(s, dt) for k, (s, dt) in spec.items()}
-  lr_abs = jax.ShapeDtypeStruct((), jnp.float32)
   t0 = time.perf_counter()
-  lowered = jitted.lower(abstract, b_abs, lr_abs)
+  lowered = jitted.lower(abstract, b_abs)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -258,7 +258,6 @@ def bench(args) -> dict:
   init = jax.jit(lambda: step_lib.init_state(cfg)[1], out_shardings=st_sh)
   state = init()
   dev_batches = [{k: jax.device_put(v, b_sh[k]) for k, v in b.items()} for b in batches]
-  lr = jnp.float32(1e-4)
 
   dtype = JNP[cfg.model.dtype]
   peak_before = profiling.measure_matmul_peak(dtype, n=args.peak_n)
@@ -273,7 +272,7 @@ def bench(args) -> dict:
     if prof:
       jax.profiler.start_trace(args.profile)
     s0, c0 = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, b, lr)
+    state, metrics = compiled(state, b)
     jax.block_until_ready((state, metrics))
     dt = time.perf_counter() - s0
     dc = time.process_time() - c0

@@ -177,6 +177,7 @@ def build_project(kind, kw, data_dir, legacy=False):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import optax
   from unimedvl_jax import profiling, sharding
   from unimedvl_jax.batch import batch_spec
   from unimedvl_jax.config import load_config_file, stage_train_config
@@ -216,22 +217,27 @@ def build_project(kind, kw, data_dir, legacy=False):
   spec = batch_spec(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   graphdef, abstract = step_lib.abstract_state(cfg)
-  fn = step_lib.make_train_step(graphdef, cfg, stage_train_config(cfg, None))
+  tc = stage_train_config(cfg, None)
+  if legacy:    # the baseline's step takes the lr as an argument
+    fn = step_lib.make_train_step(graphdef, cfg, tc)
+    lr_args = (jnp.float32(1e-4),)
+  else:         # the torch side's constant lr 1e-4
+    fn = step_lib.make_train_step(graphdef, cfg, tc, schedule=optax.constant_schedule(1e-4))
+    lr_args = ()
   jitted, st_sh, b_sh = step_lib.jit_train_step(fn, abstract, mesh, spec)
   b_abs = {k: jax.ShapeDtypeStruct(s, dt) for k, (s, dt) in spec.items()}
   t0 = time.perf_counter()
-  compiled = jitted.lower(abstract, b_abs, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  compiled = jitted.lower(abstract, b_abs, *lr_args).compile()
   compile_s = time.perf_counter() - t0
   mem = profiling.compiled_memory(compiled)
   state = jax.jit(lambda: step_lib.init_state(cfg)[1], out_shardings=st_sh)()
   dev = [{k: jax.device_put(v, b_sh[k]) for k, v in b.items()} for b in batches]
   box = [state, 0]
-  lr = jnp.float32(1e-4)
 
   def step():
     b = dev[box[1] % len(dev)]
     box[1] += 1
-    box[0], m = compiled(box[0], b, lr)
+    box[0], m = compiled(box[0], b, *lr_args)
     return float(jax.block_until_ready(m['loss']))
 
   if kw.get('flops') == '1' and not legacy:
@@ -255,8 +261,8 @@ def compiled_flops(cfg, batch, tc, mesh, spec) -> dict:
   (kernels/blocked_xla.iteration_flops x (iterations - 1) per call, the iterations read from
   this batch's metadata). Assumes remat 'none' (remat recomputes the forward loop)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
+  import optax
   from unimedvl_jax import profiling
   from unimedvl_jax.kernels import blocked_xla as bx
   from unimedvl_jax.model.attention import resolve_impl
@@ -264,11 +270,11 @@ def compiled_flops(cfg, batch, tc, mesh, spec) -> dict:
   cu = cfg.copy_and_resolve_references()
   cu.model.scan_layers = False
   g, abstract = step_lib.abstract_state(cu)
-  fn = step_lib.make_train_step(g, cu, tc)
+  fn = step_lib.make_train_step(g, cu, tc, schedule=optax.constant_schedule(1e-4))
   jitted, _, _ = step_lib.jit_train_step(fn, abstract, mesh, spec)
   b_abs = {k: jax.ShapeDtypeStruct(s, dt) for k, (s, dt) in spec.items()}
   t0 = time.perf_counter()
-  comp = jitted.lower(abstract, b_abs, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  comp = jitted.lower(abstract, b_abs).compile()
   out = {'unrolled_compile_s': round(time.perf_counter() - t0, 1),
          'cost_analysis_flops': profiling.compiled_cost(comp)['flops']}
   extra = 0.0

@@ -158,7 +158,7 @@ def train_defaults() -> ConfigDict:
       ce_weight=1.0,
       mse_weight=1.0,
       timestep_shift=1.0,
-      freeze=('vae',),          # subset of: vae, vit, connector, llm, und, gen
+      freeze=('vae',),          # regexes over the parameter paths, or module names (FREEZE_ALIASES)
       total_steps=1000,
       log_every=10,
       checkpoint_every=500,
@@ -243,23 +243,73 @@ def stage_defaults() -> ConfigDict:
                          lora=False))   # True = train.lora for this stage (the adapters alone)
 
 
+# train.freeze: each entry is a regex matched against the whole '/'-joined path of a parameter
+# ('decoder/layers/und/q_proj/kernel', 'embed_tokens'), or one of these module names, which
+# stands for its regex. A regex must match some parameter of the model (config.validate builds
+# the model abstractly to check, only when there is one); a module name may name a tower the
+# config disables (model.vit.enabled=False).
+def _modules(*prefixes: str) -> str:
+  """The regex of every parameter under one of the module paths `prefixes`."""
+  return f'({"|".join(prefixes)})(/.*)?'
+
+
+FREEZE_ALIASES = {
+    'vae': _modules('vae'),
+    'vit': _modules('vit'),
+    'connector': _modules('connector'),
+    'adapters': _modules('vae2llm', 'llm2vae', 'time_embedder'),
+    'llm': _modules('embed_tokens', 'lm_head', 'decoder'),
+    'und': _modules('embed_tokens', 'lm_head', 'decoder/norm', 'decoder/layers/und'),
+    'gen': _modules('decoder/norm_moe_gen', 'decoder/layers/gen'),
+}
+
+# What each curriculum stage kind sets in `train` before the stage's own `train` overrides:
+#   'lm'   the UniMedVL objective (CE + flow MSE) with the run's `train` settings;
+#   'vae'  autoencoder reconstruction (for toy VAEs that must be trained): only the VAE learns.
+STAGE_KINDS = {
+    'lm': {},
+    'vae': {'freeze': ('vit', 'connector', 'adapters', 'llm')},
+}
+
+
+def freeze_patterns(freeze) -> tuple[str, ...]:
+  """train.freeze with the module names replaced by their regexes."""
+  return tuple(FREEZE_ALIASES.get(f, f) for f in freeze)
+
+
+def stage_plan(cfg) -> list[dict]:
+  """[{name, kind, start, end}] in global steps; one implicit stage without a curriculum."""
+  if not cfg.stages:
+    return [dict(name=None, kind='lm', start=0, end=int(cfg.train.total_steps))]
+  out, start = [], 0
+  for name in cfg.stages:
+    st = cfg.curriculum[name]
+    n = int(st.steps)
+    out.append(dict(name=name, kind=st.get('kind', 'lm'), start=start, end=start + n))
+    start += n
+  return out
+
+
 def stage_train_config(cfg, stage: str | None) -> ConfigDict:
-  """`train` with the stage's overrides applied (a new ConfigDict)."""
+  """`train` with the stage kind's settings (STAGE_KINDS) and then the stage's own overrides
+  applied (a new ConfigDict)."""
   t = ConfigDict(cfg.train.to_dict())
   if stage is not None:
-    for k, v in cfg.curriculum[stage].get('train', ConfigDict()).items():
+    st = cfg.curriculum[stage]
+    for k, v in STAGE_KINDS.get(st.get('kind', 'lm'), {}).items():
+      t[k] = v
+    for k, v in st.get('train', ConfigDict()).items():
+      field = f'curriculum.{stage}.train.{k}'
       if k not in t:
-        raise ConfigError(f'config.curriculum.{stage}.train.{k}: no such train field')
-      t[k] = tuple(v) if isinstance(t[k], tuple) and isinstance(v, list) else v
-    if cfg.curriculum[stage].get('lora', False) is True:
+        raise ConfigError(f'config.{field}: no such train field')
+      assign(t, k, v, field)
+    if st.get('lora', False) is True:
       t.lora = True
   return t
 
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _ATTN = ('xla', 'blocked', 'pallas', 'splash', 'cudnn', 'auto')
-_REMAT = ('none', 'full', 'dots', 'dots_no_batch')
-_FREEZABLE = ('vae', 'vit', 'connector', 'llm', 'und', 'gen', 'adapters')
 
 
 def _require(cond: bool, field: str, msg: str):
@@ -304,7 +354,9 @@ def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
            f'must be one of {_DTYPES}, got {m.param_dtype!r}')
   _require(m.attention_impl in _ATTN, f'{prefix}.attention_impl',
            f'must be one of {_ATTN}, got {m.attention_impl!r}')
-  _require(m.remat in _REMAT, f'{prefix}.remat', f'must be one of {_REMAT}, got {m.remat!r}')
+  from unimedvl_jax.model.scan import REMAT_POLICIES
+  _require(m.remat in REMAT_POLICIES, f'{prefix}.remat',
+           f'must be one of {REMAT_POLICIES}, got {m.remat!r}')
   plat = m.get('attention_platform', '')
   _require(plat in ('', 'cpu', 'gpu', 'tpu'), f'{prefix}.attention_platform',
            f"must be '' (the default backend), 'cpu', 'gpu' or 'tpu', got {plat!r}")
@@ -421,8 +473,9 @@ def validate_attention_blocks(m: ConfigDict, d: ConfigDict, prefix: str = 'data'
              f'{-(-d.seq_len // mult) * mult})')
 
 
-def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
-  """Every train field: type and range. Raises ConfigError naming the field."""
+def validate_train(t: ConfigDict, prefix: str = 'train', param_paths=None) -> None:
+  """Every train field: type and range. Raises ConfigError naming the field. param_paths: a
+  callable giving the model's parameter paths, for the freeze regexes (None: not checked)."""
   def num(name, ok, what):
     v = t[name]
     _require(_real(v) and ok(v), f'{prefix}.{name}', f'must be a finite number {what}, got {v!r}')
@@ -446,10 +499,7 @@ def validate_train(t: ConfigDict, prefix: str = 'train') -> None:
   num('ce_weight', lambda v: v >= 0, '>= 0')
   num('mse_weight', lambda v: v >= 0, '>= 0')
   num('timestep_shift', lambda v: v > 0, '> 0')
-  _require(isinstance(t.freeze, (tuple, list)), f'{prefix}.freeze',
-           f'must be a tuple of module names, got {t.freeze!r}')
-  for f in t.freeze:
-    _require(f in _FREEZABLE, f'{prefix}.freeze', f'unknown module {f!r}; choose from {_FREEZABLE}')
+  validate_freeze(t.freeze, f'{prefix}.freeze', param_paths)
   count('total_steps', 0)
   count('log_every', 1)
   count('checkpoint_every', 1)
@@ -498,12 +548,50 @@ def validate_mesh(m: ConfigDict, prefix: str = 'mesh') -> None:
            f'must be an integer >= 0 (0 = no check), got {mb!r}')
 
 
+def validate_freeze(freeze, field: str = 'train.freeze', param_paths=None) -> None:
+  """train.freeze: a tuple of module names (FREEZE_ALIASES) and regexes that compile and (with
+  `param_paths`, a callable giving the model's '/'-joined parameter paths) match a parameter."""
+  import re
+  _require(isinstance(freeze, (tuple, list)), field,
+           f'must be a tuple of regexes over parameter paths or module names '
+           f'({", ".join(FREEZE_ALIASES)}), got {freeze!r}')
+  for f in freeze:
+    _require(isinstance(f, str) and f != '', field,
+             f'entries must be non-empty strings (regexes or module names), got {f!r}')
+    if f in FREEZE_ALIASES:
+      continue
+    try:
+      rx = re.compile(f)
+    except re.error as e:
+      raise ConfigError(f'config.{field}: {f!r} is neither a module name '
+                        f'({", ".join(FREEZE_ALIASES)}) nor a valid regex ({e})') from None
+    if param_paths is not None:
+      _require(any(rx.fullmatch(p) for p in param_paths()), field,
+               f'{f!r} is not a module name ({", ".join(FREEZE_ALIASES)}) and as a regex matches '
+               "no parameter path (the whole '/'-joined path, e.g. 'vit/.*', "
+               "'decoder/layers/gen/.*')")
+
+
+def _param_paths(cfg_model) -> list[str]:
+  """The model's '/'-joined parameter paths (built abstractly: seconds, nothing allocated)."""
+  from flax import nnx
+  from unimedvl_jax.profiling import abstract_model
+  state = nnx.state(abstract_model(cfg_model), nnx.Param)
+  return ['/'.join(str(x) for x in p) for p, _ in nnx.to_flat_state(state)]
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Checks every section; returns cfg so it can be chained. Raises ConfigError."""
   validate_model(cfg.model)
   validate_data(cfg.data, cfg.model)
   validate_attention_blocks(cfg.model, cfg.data)
-  validate_train(cfg.train)
+  paths: list = []
+
+  def param_paths() -> list[str]:   # built once, and only for a freeze regex
+    if not paths:
+      paths.extend(_param_paths(cfg.model))
+    return paths
+  validate_train(cfg.train, param_paths=param_paths)
   if 'eval' in cfg:
     validate_eval(cfg.eval)
   lora_rank = cfg.model.get('lora', lora_defaults()).rank
@@ -513,13 +601,13 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   for name in cfg.stages:
     _require(name in cfg.curriculum, 'stages', f'stage {name!r} has no config.curriculum.{name}')
     st = cfg.curriculum[name]
-    _require(st.get('kind', 'lm') in ('lm', 'vae'), f'curriculum.{name}.kind',
-             f"must be 'lm' or 'vae', got {st.get('kind')!r}")
+    _require(st.get('kind', 'lm') in STAGE_KINDS, f'curriculum.{name}.kind',
+             f"must be one of {tuple(STAGE_KINDS)}, got {st.get('kind')!r}")
     _require(int(st.get('steps', 0)) > 0, f'curriculum.{name}.steps', 'must be > 0')
     _require(isinstance(st.get('lora', False), bool), f'curriculum.{name}.lora',
              f"must be True or False, got {st.get('lora')!r}")
     st_train = stage_train_config(cfg, name)
-    validate_train(st_train, f'curriculum.{name}.train')
+    validate_train(st_train, f'curriculum.{name}.train', param_paths)
     _require(not st_train.get('lora', False) or lora_rank > 0, f'curriculum.{name}.train.lora',
              'needs model.lora.rank > 0 (the adapters to train)')
     _require(not (st_train.get('lora', False) and st.get('kind', 'lm') == 'vae'),
@@ -527,9 +615,24 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   return cfg
 
 
+def assign(node: ConfigDict, name: str, value, field: str) -> None:
+  """node[name] = value with the one coercion of config values: an int (not a bool) given for a
+  float field becomes a float and a list given for a tuple field a tuple. Raises ConfigError
+  naming `field`."""
+  old = node[name]
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  try:
+    node[name] = value
+  except TypeError as e:
+    raise ConfigError(f'config.{field}: cannot set {value!r} ({e})') from None
+
+
 def set_field(cfg: ConfigDict, key: str, value) -> None:
-  """Sets the dotted field `key` of `cfg`, which must exist; an int (not a bool) given for a
-  float field becomes a float and a list given for a tuple field a tuple. Raises ConfigError naming it."""
+  """Sets the dotted field `key` of `cfg`, which must exist, coerced as `assign` does (the
+  setter of command-line and importer overrides). Raises ConfigError naming it."""
   node = cfg
   parts = key.split('.')
   for p in parts[:-1]:
@@ -538,15 +641,7 @@ def set_field(cfg: ConfigDict, key: str, value) -> None:
     node = node[p]
   if parts[-1] not in node:
     raise ConfigError(f'config.{key}: no such field')
-  old = node[parts[-1]]
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if isinstance(old, tuple) and isinstance(value, list):
-    value = tuple(value)
-  try:
-    node[parts[-1]] = value
-  except TypeError as e:
-    raise ConfigError(f'config.{key}: cannot set {value!r} ({e})') from None
+  assign(node, parts[-1], value, key)
 
 
 def load_config_file(path: str, overrides=()) -> ConfigDict:

@@ -22,6 +22,7 @@ def test_shipped_configs_validate(name):
     ('data.max_latent_tokens=600', 'data.max_latent_tokens'),
     ('data.cfg_dropout_vit=1.5', 'data.cfg_dropout_vit'),
     ('train.freeze=("vae","decoderx")', 'train.freeze'),
+    ('train.freeze=("vit/(",)', 'train.freeze'),
     ('mesh.fsdp=0', 'mesh.fsdp'),
     ('model.attention_platform=metal', 'model.attention_platform'),
     ('mesh.rules=(("embed", "model"),)', 'mesh.rules'),
@@ -96,3 +97,17 @@ def test_overrides_parse_types():
   assert cfg.model.llm.num_layers == 2 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
   assert cfg.model.dtype == 'bfloat16' and cfg.train.freeze == ('vae', 'vit')
   assert validate(default_config()) is not None
+
+
+def test_freeze_takes_module_names_and_regexes():
+  from unimedvl_jax.config import FREEZE_ALIASES, freeze_patterns, stage_train_config
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'),
+                         ['train.freeze=("vae", "decoder/layers/gen/.*")'])
+  assert freeze_patterns(cfg.train.freeze) == (FREEZE_ALIASES['vae'], 'decoder/layers/gen/.*')
+  # the 'vae' stage kind declares its own frozen set: everything but the autoencoder
+  assert stage_train_config(cfg, 'vae').freeze == ('vit', 'connector', 'adapters', 'llm')
+  assert stage_train_config(cfg, 'foundation').freeze == cfg.train.freeze
+  cfg.curriculum.foundation.train.freeze = ('decoder/layers/moe/.*',)
+  with pytest.raises(ConfigError, match=r'config\.curriculum\.foundation\.train\.freeze: .* '
+                                        'matches no parameter'):
+    validate(cfg)

@@ -32,7 +32,7 @@ def _fsdp_leaves(st_sh) -> int:
 def main():
   data_root = sys.argv[1]
   import jax
-  import jax.numpy as jnp
+  import optax
   from flax import nnx
   from unimedvl_jax import aot, sharding
   from unimedvl_jax import batch as batch_lib
@@ -54,8 +54,8 @@ def main():
   spec = batch_lib.batch_spec(cfg)
   graphdef, state0 = step_lib.init_state(cfg)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state0)
-  fn = step_lib.make_train_step(graphdef, cfg, tc)
-  lr = jnp.float32(1e-3)
+  schedule = optax.constant_schedule(1e-3)     # one AdamW step of lr 1e-3
+  fn = step_lib.make_train_step(graphdef, cfg, tc, schedule=schedule)
   host_state = jax.tree.map(np.asarray, state0)
 
   def run(mesh_sizes, devices):
@@ -63,8 +63,8 @@ def main():
     jitted, st_sh, b_sh = step_lib.jit_train_step(fn, abstract, mesh, spec)
     st = jax.device_put(host_state, st_sh)
     b = {k: jax.device_put(v, b_sh[k]) for k, v in host_batch.items()}
-    compiled = jitted.lower(st, b, lr).compile()
-    new, m = compiled(st, b, lr)
+    compiled = jitted.lower(st, b).compile()
+    new, m = compiled(st, b)
     return compiled, new, {k: float(m[k]) for k in ('loss', 'ce', 'mse', 'grad_norm')}
 
   _, s1, m1 = run({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
@@ -115,10 +115,10 @@ def main():
       c_cfg = cfg.copy_and_resolve_references()
       c_cfg.data.batch_size = sizes['data'] * sizes['fsdp']
     c_spec = batch_lib.batch_spec(c_cfg)
-    c_fn = step_lib.make_train_step(graphdef, c_cfg, tc)
+    c_fn = step_lib.make_train_step(graphdef, c_cfg, tc, schedule=schedule)
     jitted, st_sh, _ = step_lib.jit_train_step(c_fn, abstract, mesh, c_spec)
     abatch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in c_spec.items()}
-    comp = jitted.lower(abstract, abatch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    comp = jitted.lower(abstract, abatch).compile()
     colls[name] = aot.analyze_hlo(comp.as_text())['collectives']
     expected[name] = {'fsdp_sharded_param_leaves': _fsdp_leaves(st_sh)}
   print('SHARDED_RESULT ' + json.dumps({

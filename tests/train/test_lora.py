@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -132,12 +133,12 @@ def test_lora_finetune_lowers_loss_base_bitwise_unchanged(env):
   tc = stage_train_config(cfg, None)
   assert tc.lora
   tc.ema_decay = 0.9
-  fn = jax.jit(S.make_train_step(graphdef, cfg, tc))
+  fn = jax.jit(S.make_train_step(graphdef, cfg, tc, schedule=optax.constant_schedule(3e-3)))
   flat = lambda t: {S.path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(t)}
   before, ema0 = flat(st['params']), flat(st['ema'])
   cur, losses = jax.tree.map(jnp.copy, st), []
   for _ in range(4):
-    cur, m = fn(cur, batch, jnp.float32(3e-3))
+    cur, m = fn(cur, batch)
     assert bool(m['ok'])
     losses.append(float(m['loss']))
   assert losses[-1] < losses[0] - 1e-3, losses

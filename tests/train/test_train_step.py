@@ -6,12 +6,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from tests.helpers.model_packs import build_batch, mixed_samples
 from unimedvl_jax import batch as batch_lib, sharding
-from unimedvl_jax.config import load_config_file, stage_train_config
+from unimedvl_jax.config import load_config_file, stage_plan, stage_train_config
 from unimedvl_jax.train import step as S
 
 CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
@@ -37,9 +38,9 @@ def flat_np(tree):
 
 
 def run_step(cfg, graphdef, state, batch, tc, lr=1e-3):
-  fn = jax.jit(S.make_train_step(graphdef, cfg, tc))
+  fn = jax.jit(S.make_train_step(graphdef, cfg, tc, schedule=optax.constant_schedule(lr)))
   st = jax.tree.map(jnp.copy, state)
-  return fn(st, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32(lr))
+  return fn(st, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
 @pytest.mark.parametrize('freeze', [('vae',), ('vae', 'vit', 'gen')])
@@ -110,12 +111,67 @@ def test_gradient_accumulation_matches_full_batch(env):
     np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4 * scale)
 
 
+def closed_form_lr(tc, steps: int, s: int) -> float:
+  """A stage's learning rate at its step s, in float64: linear warmup, then constant or cosine."""
+  if tc.warmup_steps and s < tc.warmup_steps:
+    return tc.lr * (s + 1) / tc.warmup_steps
+  if tc.schedule == 'cosine':
+    span = max(1, steps - tc.warmup_steps)
+    frac = min(1.0, (s - tc.warmup_steps) / span)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + np.cos(np.pi * frac))
+  return tc.lr
+
+
 def test_lr_schedule_warmup_and_cosine():
   cfg = load_config_file(CFG)
   tc = stage_train_config(cfg, None)
   tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr = 1.0, 10, 'cosine', 0.0
-  f = S.lr_schedule(tc, 110)
+  f = S.stage_lr_schedule(tc, 110)
+  # float32 (the schedule runs in the step): cos(pi / 2) is 4e-8 there
   assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-  assert f(60) == pytest.approx(0.5, abs=1e-9) and f(110) == pytest.approx(0.0, abs=1e-12)
+  assert f(60) == pytest.approx(0.5, abs=1e-7) and f(110) == pytest.approx(0.0, abs=1e-12)
   tc.schedule = 'constant'
-  assert S.lr_schedule(tc, 110)(100) == 1.0
+  assert S.stage_lr_schedule(tc, 110)(100) == 1.0
+
+
+def test_run_schedule_is_the_stages_closed_form_by_global_step():
+  """configs/tiny.py's curriculum (a VAE stage with its own lr and warmup, three cosine LM
+  stages): the optax schedule of the step, jitted, against the float64 formula of each stage at
+  its own step, over every global step and past the end."""
+  cfg = load_config_file(CFG)
+  plan = stage_plan(cfg)
+  assert len(plan) == 4
+  want, lr_max = [], 0.0
+  for st in plan:
+    tc = stage_train_config(cfg, st['name'])
+    n = st['end'] - st['start']
+    want += [closed_form_lr(tc, n, s) for s in range(n)]
+    lr_max = max(lr_max, tc.lr)
+  last = stage_train_config(cfg, plan[-1]['name'])
+  n = plan[-1]['end'] - plan[-1]['start']
+  want += [closed_form_lr(last, n, n + k) for k in range(3)]
+  got = np.asarray(jax.jit(jax.vmap(S.lr_schedule(cfg)))(jnp.arange(len(want), dtype=jnp.int32)))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, np.asarray(want), rtol=2e-6, atol=1e-6 * lr_max)
+  # the boundaries: the first step of each stage restarts its warmup
+  for st in plan[1:]:
+    tc = stage_train_config(cfg, st['name'])
+    assert got[st['start']] == pytest.approx(tc.lr / tc.warmup_steps, rel=1e-6)
+
+
+def test_optimizer_scales_by_the_schedule_at_the_global_step():
+  """The update is -schedule(meta.step) x AdamW's: `at_step` sets the schedule's count, also on a
+  state whose count lags (a rejected step keeps the whole optimizer state)."""
+  cfg = load_config_file(CFG)
+  tc = stage_train_config(cfg, 'foundation')
+  sched = S.lr_schedule(cfg)
+  tx, adam = S.make_optimizer(tc, sched), S.make_optimizer(tc, optax.constant_schedule(-1.0))
+  p = {'w': jnp.linspace(-1.0, 1.0, 8)}
+  g = {'w': jnp.linspace(0.5, -0.3, 8)}
+  for step in (0, 7, 160, 999):
+    u, new = tx.update(g, S.at_step(tx.init(p), jnp.int32(step)), p)
+    ref, _ = adam.update(g, adam.init(p), p)    # AdamW's own update (the lr -1 cancels the sign)
+    np.testing.assert_allclose(np.asarray(u['w']), -float(sched(step)) * np.asarray(ref['w']),
+                               rtol=1e-6)
+    assert isinstance(new[-1], optax.ScaleByScheduleState)    # the chain's last part
+    assert int(new[-1].count) == step + 1

@@ -42,7 +42,6 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   spec = parse_topology(topology)
   prepare_env(topology)
   import jax
-  import jax.numpy as jnp
   from unimedvl_jax import batch as batch_lib
   from unimedvl_jax import profiling, sharding
   from unimedvl_jax.config import stage_train_config, validate
@@ -108,7 +107,7 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   out['memory'] = {'state_bytes': state_bytes_per_chip(abstract, st_sh)}
 
   out['notes'] = []
-  lowered = jitted.lower(abstract, abatch, jax.ShapeDtypeStruct((), jnp.float32))
+  lowered = jitted.lower(abstract, abatch)
   t1 = time.perf_counter()
   out['lower_seconds'] = round(t1 - t0, 1)
   compiled, oom = compile_or_oom(lowered)

@@ -619,26 +619,25 @@ def config_from_json(d: dict):
   loadable (inference, export) even if its training fields predate the current validation."""
   from unimedvl_jax.config import default_config, validate_data, validate_model
   cfg = default_config()
-  _merge(cfg, d, 'config')
+  _merge(cfg, d, '')
   validate_model(cfg.model)
   validate_data(cfg.data, cfg.model)
   return cfg
 
 
 def _merge(node, d, where):
+  """The JSON `d` into the ConfigDict `node`: fields unknown to the schema are added, known ones
+  set as config.assign sets them (JSON lists become tuples)."""
+  from unimedvl_jax.config import assign
   for k, v in d.items():
+    field = f'{where}.{k}' if where else k
     if k not in node:
       node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
       continue
     if isinstance(node[k], ml_collections.ConfigDict):
-      _merge(node[k], v, f'{where}.{k}')
+      _merge(node[k], v, field)
     else:
-      old = node[k]
-      if isinstance(old, tuple) and isinstance(v, list):
-        v = tuple(v)
-      if isinstance(old, float) and isinstance(v, int):
-        v = float(v)
-      node[k] = v
+      assign(node, k, v, field)
 
 
 # ------------------------------------------------------------------ model-only save / load

@@ -25,7 +25,7 @@ import numpy as np
 
 from unimedvl_jax import batch as batch_lib
 from unimedvl_jax import profiling, sharding
-from unimedvl_jax.config import stage_train_config, validate
+from unimedvl_jax.config import stage_plan, stage_train_config, validate
 from unimedvl_jax.train import step as step_lib
 from unimedvl_jax.train.checkpoint import Checkpointer, CheckpointError, config_to_json
 from unimedvl_jax.train.workdir import WorkdirLock
@@ -35,23 +35,11 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-# train fields that do not change the compiled step (host-side schedule / bookkeeping)
+# train fields that do not change the compiled step: the learning-rate schedule (the step's
+# optimizer holds the whole run's, step.lr_schedule(cfg)) and host-side bookkeeping
 STAGE_DYNAMIC_FIELDS = ('lr', 'schedule', 'warmup_steps', 'min_lr', 'total_steps', 'log_every',
                         'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps',
                         'profile_steps', 'dump_hlo')
-
-
-def stage_plan(cfg) -> list[dict]:
-  """[{name, kind, start, end}] in global steps; one implicit stage without a curriculum."""
-  if not cfg.stages:
-    return [dict(name=None, kind='lm', start=0, end=int(cfg.train.total_steps))]
-  out, start = [], 0
-  for name in cfg.stages:
-    st = cfg.curriculum[name]
-    n = int(st.steps)
-    out.append(dict(name=name, kind=st.get('kind', 'lm'), start=start, end=start + n))
-    start += n
-  return out
 
 
 def stage_lora(cfg, st: dict) -> bool:
@@ -319,13 +307,11 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
         if not quiet:
           print(f'[{st["name"]}] train.lora={lora}: optimizer state for '
                 f'{"the LoRA adapters alone" if lora else "every parameter"}', flush=True)
-      if st['kind'] == 'vae':
-        tc.freeze = ('vit', 'connector', 'adapters', 'llm')   # only the VAE learns
       scfg = cfg.copy_and_resolve_references()      # this stage's data source (latent cache)
       scfg.data.latent_cache = stage_latent_cache(cfg, st['kind'], workdir, graphdef, state,
                                                   quiet=quiet)
       spec = batch_lib.batch_spec(scfg)
-      # stages with the same static settings share one compiled step (the lr is an argument)
+      # stages with the same static settings share one compiled step (its schedule is the run's)
       key = (st['kind'], bool(scfg.data.latent_cache),
              json.dumps({k: v for k, v in tc.to_dict().items()
                          if k not in STAGE_DYNAMIC_FIELDS}, sort_keys=True, default=str))
@@ -337,13 +323,12 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
       # tokens_per_s still counts the packs' tokens, which that objective does not process)
       stage_flops = (profiling.vae_stage_flops_per_step(cfg, slots=step_lib.VAE_SLOTS)
                      if st['kind'] == 'vae' else profiling.model_flops_per_step(scfg)['train'])
-      sched = step_lib.lr_schedule(tc, st['end'] - st['start'])
       it = pipeline.make_train_iterator(scfg, st['name'], process_index=pidx, process_count=pcount)
       if data_state and data_state.get('stage') == st['name'] and data_state.get('iterator'):
         it.set_state(data_state['iterator'])
       if cfg.train.dump_hlo:
         b0 = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in spec.items()}
-        comp = jitted.lower(abstract, b0, jnp.float32(0)).compile()
+        comp = jitted.lower(abstract, b0).compile()
         profiling.dump_hlo(comp, os.path.join(workdir, 'hlo', f'train_step_{st["name"]}.txt'))
       bar = None
       if not quiet and sys.stderr.isatty() and pidx == 0:
@@ -362,9 +347,8 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
             jax.profiler.start_trace(os.path.join(workdir, 'profile'))
           gb, toks, it_state['v'] = next(feed)
           toks_since += toks
-          lr = jnp.float32(sched(s - st['start']))
           with jax.profiler.StepTraceAnnotation('train', step_num=s + 1):
-            state, m = jitted(state, gb, lr)
+            state, m = jitted(state, gb)
           pending_metrics.append(m)
           step = s + 1
           if s in profile_steps:

@@ -4,58 +4,50 @@ State (a dict of pytrees, the unit of checkpointing):
   params     nnx.State of every nnx.Param (fp32 masters)
   buffers    nnx.State of the frozen sin-cos tables (never updated)
   opt_state  optax state over params (frozen leaves keep zero moments); with train.lora over
-             the LoRA adapters alone (`optimizer_params`)
+             the LoRA adapters alone (`optimizer_params`); its last part is the learning-rate
+             schedule's count
   ema        EMA of params (decay from the stage config; frozen leaves stay equal)
   meta       {'step': int32, 'rng': uint32[2] base key data, 'nonfinite': int32}
 
-`train_step(state, batch, lr) -> (state, metrics)` is a pure function of its inputs: the step's
-randomness is fold_in(base key, step), so a resumed run reproduces the uninterrupted one exactly.
-Frozen modules get no gradient computed (we differentiate w.r.t. the trainable subset only).
+`train_step(state, batch) -> (state, metrics)` is a pure function of its inputs: the step's
+randomness is fold_in(base key, step) and its learning rate the optimizer's schedule (the whole
+run's, `lr_schedule`) at that step, so a resumed run reproduces the uninterrupted one exactly.
+Frozen modules (train.freeze: regexes over parameter paths, config.FREEZE_ALIASES) get no
+gradient computed (we differentiate w.r.t. the trainable subset only).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from unimedvl_jax import sharding
+from unimedvl_jax.config import freeze_patterns, stage_plan, stage_train_config
 from unimedvl_jax.model.embeddings import Buffer
-from unimedvl_jax.model.lora import is_adapter_path
+from unimedvl_jax.model.lora import ADAPTER_NAMES, is_adapter_path
 from unimedvl_jax.model.unimedvl import LossOutput, UniMedVL
 
-# which top-level / decoder paths each freezable name covers
-_FREEZE_MATCH: dict[str, Callable[[tuple], bool]] = {
-    'vae': lambda p: p[0] == 'vae',
-    'vit': lambda p: p[0] == 'vit',
-    'connector': lambda p: p[0] == 'connector',
-    'adapters': lambda p: p[0] in ('vae2llm', 'llm2vae', 'time_embedder'),
-    'llm': lambda p: p[0] in ('embed_tokens', 'lm_head', 'decoder'),
-    'und': lambda p: (p[0] in ('embed_tokens', 'lm_head') or p[:2] == ('decoder', 'norm')
-                      or p[:3] == ('decoder', 'layers', 'und')),
-    'gen': lambda p: p[:2] == ('decoder', 'norm_moe_gen') or p[:3] == ('decoder', 'layers', 'gen'),
-    # LoRA (model/lora.py): the adapters, and everything but the adapters
-    'lora': is_adapter_path,
-    'base': lambda p: not is_adapter_path(p),
-}
+# LoRA (model/lora.py): the adapters, and everything but the adapters
+ADAPTERS = rf'.*/({"|".join(ADAPTER_NAMES)})'
+NOT_ADAPTERS = rf'(?!{ADAPTERS}$).*'
 
 
 def stage_freeze(tc) -> tuple:
-  """What a stage's step freezes: with train.lora everything but the LoRA adapters, else
-  train.freeze and the adapters (a model without adapters is unaffected by the latter)."""
+  """What a stage's step freezes (regexes): with train.lora everything but the LoRA adapters,
+  else train.freeze and the adapters (a model without adapters is unaffected by the latter)."""
   if tc.get('lora', False):
-    return ('base',)
-  return tuple(tc.freeze) + ('lora',)
+    return (NOT_ADAPTERS,)
+  return freeze_patterns(tc.freeze) + (ADAPTERS,)
 
 
 def first_stage_lora(cfg) -> bool:
   """train.lora of the first curriculum stage (of `train` without a curriculum)."""
-  from unimedvl_jax.config import stage_train_config
   return bool(stage_train_config(cfg, cfg.stages[0] if cfg.stages else None).get('lora', False))
 
 
@@ -66,9 +58,17 @@ def optimizer_params(params: nnx.State, lora: bool) -> nnx.State:
   return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(params) if is_adapter_path(p)])
 
 
+@functools.lru_cache(maxsize=64)
+def _freeze_regex(freeze: tuple) -> re.Pattern | None:
+  pats = freeze_patterns(freeze)
+  return re.compile('|'.join(f'(?:{p})' for p in pats)) if pats else None
+
+
 def is_frozen(path: tuple, freeze) -> bool:
-  path = tuple(str(x) for x in path)
-  return any(_FREEZE_MATCH[f](path) for f in freeze)
+  """Whether the parameter at `path` matches (in full, '/'-joined) an entry of `freeze`
+  (regexes or config.FREEZE_ALIASES names)."""
+  rx = _freeze_regex(tuple(freeze))
+  return rx is not None and rx.fullmatch(path_key(path)) is not None
 
 
 def path_key(path: tuple) -> str:
@@ -91,28 +91,53 @@ def join_params(template: nnx.State, *flats) -> nnx.State:
   return nnx.from_flat_state([(p, merged[path_key(p)]) for p, _ in nnx.to_flat_state(template)])
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
-  """AdamW(b1, b2, eps, weight decay) after a global-norm clip; the lr is applied in the step."""
+def stage_lr_schedule(tc, steps: int) -> optax.Schedule:
+  """One stage's learning rate over its own steps 0, 1, ...: a linear warmup to tc.lr at step
+  tc.warmup_steps - 1 (step s: tc.lr * (s + 1) / tc.warmup_steps), then constant or cosine to
+  tc.min_lr at step `steps`."""
+  lr, warmup = float(tc.lr), int(tc.warmup_steps)
+  if tc.schedule == 'cosine':
+    min_lr = float(tc.min_lr)
+    decay = optax.cosine_decay_schedule(lr - min_lr, max(1, steps - warmup))
+    main = lambda count: min_lr + decay(count)
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
+    return main
+  ramp = lambda count: lr * (count + 1) / warmup   # (optax.linear_schedule's form loses digits)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def lr_schedule(cfg) -> optax.Schedule:
+  """The whole run's learning rate by global step: each curriculum stage's schedule (its train
+  settings, over its own steps), joined at the stage boundaries."""
+  plan = stage_plan(cfg)
+  parts = [stage_lr_schedule(stage_train_config(cfg, st['name']), st['end'] - st['start'])
+           for st in plan]
+  if len(parts) == 1:
+    return parts[0]
+  return optax.join_schedules(parts, [st['start'] for st in plan[1:]])
+
+
+def make_optimizer(tc, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW(b1, b2, eps, weight decay) after a global-norm clip, scaled by -schedule(count)."""
   parts = []
   if tc.grad_clip and tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(tc.grad_clip))
   parts.append(optax.scale_by_adam(b1=tc.b1, b2=tc.b2, eps=tc.eps))
   if tc.weight_decay:
     parts.append(optax.add_decayed_weights(tc.weight_decay))
+  parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
 
 
-def lr_schedule(tc, total_steps: int) -> Callable[[int], float]:
-  """Linear warmup to tc.lr, then constant or cosine to tc.min_lr (host-side, per stage)."""
-  def f(step: int) -> float:
-    if tc.warmup_steps and step < tc.warmup_steps:
-      return tc.lr * (step + 1) / tc.warmup_steps
-    if tc.schedule == 'cosine':
-      span = max(1, total_steps - tc.warmup_steps)
-      frac = min(1.0, (step - tc.warmup_steps) / span)
-      return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + np.cos(np.pi * frac))
-    return tc.lr
-  return f
+def at_step(opt_state, step):
+  """`opt_state` with the schedule's count set to the global step `step`: the learning rate is
+  the schedule at meta.step, also after a rejected step (which keeps the whole optimizer state)
+  and on the fresh optimizer state of a train.lora switch."""
+  is_sched = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  return jax.tree.map(lambda s: s._replace(count=step) if is_sched(s) else s, opt_state,
+                      is_leaf=is_sched)
 
 
 def init_state(cfg, seed: int | None = None, lora: bool | None = None,
@@ -124,7 +149,7 @@ def init_state(cfg, seed: int | None = None, lora: bool | None = None,
   if model is None:
     model = UniMedVL(cfg.model, rngs=nnx.Rngs(seed))
   graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
-  tx = make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train, lr_schedule(cfg))
   state = {
       'params': params,
       'buffers': buffers,
@@ -209,14 +234,19 @@ def vae_objective(model, batch, rng, kl_weight: float = 1e-6, max_slots: int = V
   return mse + kl_weight * kl, mse, kl, count
 
 
-def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callable:
-  """Returns train_step(state, batch, lr) for one curriculum stage's settings (stage_train is the
-  merged train config: freeze, loss weights, ema decay, grad_accum, timestep shift).
+def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm',
+                    schedule: optax.Schedule | None = None) -> Callable:
+  """Returns train_step(state, batch) for one curriculum stage's settings (stage_train is the
+  merged train config: freeze, optimizer, loss weights, ema decay, grad_accum, timestep shift).
+  The learning rate is `schedule` at the global step, by default the whole run's
+  (`lr_schedule(cfg)`: every stage of cfg, so stages with the same static settings share one
+  step); stage_train's own lr fields are not read here.
   objective: 'lm' (UniMedVL's CE + flow MSE) or 'vae' (autoencoder reconstruction)."""
   tc = stage_train
   lora = bool(tc.get('lora', False))
   freeze = stage_freeze(tc)
-  tx = make_optimizer(tc)
+  schedule = lr_schedule(cfg) if schedule is None else schedule
+  tx = make_optimizer(tc, schedule)
   accum = int(tc.grad_accum)
 
   def loss_fn(trainable, frozen, template, buffers, mb, rng, ce_den, mse_den):
@@ -229,9 +259,10 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
                 timestep_shift=tc.timestep_shift, ce_denominator=ce_den, mse_denominator=mse_den)
     return out.loss, out
 
-  def train_step(state, batch, lr):
+  def train_step(state, batch):
     params, buffers = state['params'], state['buffers']
     step = state['meta']['step']
+    opt_state = at_step(state['opt_state'], step)
     key = jax.random.fold_in(jax.random.wrap_key_data(state['meta']['rng']), step)
     trainable, frozen = split_trainable(params, freeze)
     frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
@@ -266,8 +297,8 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
       d = tc.ema_decay
       if lora:   # the optimizer state holds the adapters alone; the base is carried unchanged
         sub = optimizer_params(params, True)
-        updates, new_opt = tx.update(join_params(sub, grads), state['opt_state'], sub)
-        new_sub = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), sub, updates)
+        updates, new_opt = tx.update(join_params(sub, grads), opt_state, sub)
+        new_sub = optax.apply_updates(sub, updates)
         new_tr, _ = split_trainable(new_sub, ())
         new_params = join_params(params, new_tr, split_trainable(params, freeze)[1])
         ema_tr, ema_fr = split_trainable(state['ema'], freeze)
@@ -276,11 +307,10 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
       else:
         full_grads = join_params(params, grads,
                                  jax.tree.map(jnp.zeros_like, frozen))
-        updates, new_opt = tx.update(full_grads, state['opt_state'], params)
-        upd_flat = [(p, (jax.tree.map(jnp.zeros_like, v) if is_frozen(p, freeze) else v))
-                    for p, v in nnx.to_flat_state(updates)]
-        updates = nnx.from_flat_state(upd_flat)
-        new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
+        updates, new_opt = tx.update(full_grads, opt_state, params)
+        # the frozen leaves as they were (weight decay gives them an update, dropped here)
+        new_tr, _ = split_trainable(optax.apply_updates(params, updates), freeze)
+        new_params = join_params(params, new_tr, split_trainable(params, freeze)[1])
         new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state['ema'], new_params)
 
       # reject the step if anything is non-finite, including an update that overflowed the params
@@ -295,7 +325,8 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
                    'nonfinite': state['meta']['nonfinite'] + (~ok).astype(jnp.int32)},
       }
     metrics = {'loss': loss, 'ce': ce, 'mse': mse, 'grad_norm': grad_norm, 'ok': ok,
-               'ce_tokens': ce_den, 'mse_tokens': mse_den, 'lr': lr}
+               'ce_tokens': ce_den, 'mse_tokens': mse_den,
+               'lr': jnp.asarray(schedule(step), jnp.float32)}
     return new_state, metrics
 
   return train_step
@@ -304,11 +335,11 @@ def make_train_step(graphdef, cfg, stage_train, objective: str = 'lm') -> Callab
 def switch_optimizer(tc, state: dict, lora: bool, shardings=None) -> dict:
   """The state with a fresh optimizer state (of the stage's train config `tc`) for `lora`
   (adapters alone, or every parameter): what a stage boundary that turns train.lora on or off
-  does. Params and EMA are kept."""
-  tx = make_optimizer(tc)
-  init = jax.jit(lambda p: tx.init(optimizer_params(p, lora)),
+  does. Params and EMA are kept; the schedule's count is the state's step."""
+  tx = make_optimizer(tc, optax.constant_schedule(0.0))   # init does not read the schedule
+  init = jax.jit(lambda p, step: at_step(tx.init(optimizer_params(p, lora)), step),
                  out_shardings=None if shardings is None else shardings['opt_state'])
-  return {**state, 'opt_state': init(state['params'])}
+  return {**state, 'opt_state': init(state['params'], state['meta']['step'])}
 
 
 def jit_train_step(train_step, abstract, mesh, batch_spec_shapes, rules=None):
@@ -322,9 +353,9 @@ def jit_train_step(train_step, abstract, mesh, batch_spec_shapes, rules=None):
           for k, (shape, _) in batch_spec_shapes.items()}
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def wrapped(state, batch, lr):
+  def wrapped(state, batch):
     with sharding.use_abstract_mesh(mesh, rules):
-      return train_step(state, batch, lr)
+      return train_step(state, batch)
 
-  return jax.jit(wrapped, in_shardings=(st_sh, b_sh, rep), out_shardings=(st_sh, rep),
+  return jax.jit(wrapped, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, rep),
                  donate_argnums=(0,)), st_sh, b_sh
