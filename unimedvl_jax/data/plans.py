@@ -195,9 +195,7 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
       it.ids = np.asarray(tokenizer.encode(it.text), np.int32)
     elif it.kind == 'vit':
       img = load(it.image)
-      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vit_max_size,
-                                 min_size=geom.vit_min_size, stride=geom.vit_patch,
-                                 max_pixels=geom.vit_max_pixels)
+      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **geom.vit_rule)
       patches, nh, nw = imlib.vit_patchify(imlib.resize(img, (h2, w2)), geom.vit_patch)
       _check_grid(sample, 'ViT patch', nh, nw, geom.vit_grid, 'model.vit.grid_size')
       it.patches, it.grid = np.asarray(patches, np.uint8), (int(nh), int(nw))
@@ -206,8 +204,7 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
         it.moments, (h2, w2) = latent_cache.lookup(it.image, sample)
       else:
         img = load(it.image)
-        h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vae_max_size,
-                                   min_size=geom.vae_min_size, stride=geom.latent_px)
+        h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **geom.vae_rule)
         if for_training and geom.bucket_index(h2, w2) is None:
           raise SampleError('vae_size', sample.file, sample.line,
                             f'{it.image.path}: VAE size {h2}x{w2} has no slot in '
