@@ -1,6 +1,6 @@
 """AOT memory/FLOPs plans of the training step for TPU pod slices, without TPUs (libtpu only).
 
-    python benchmarks/bench_aot.py --config configs/unimedvl_7b.py --topology v5p-128 \
+    python -m benchmarks.bench_aot --config configs/unimedvl_7b.py --topology v5p-128 \
         --config.data.batch_size=64 \
         --out benchmarks/aot/v5p-128_fsdp.json [--hlo benchmarks/aot/v5p-128_fsdp.hlo.txt] \
         [--config.model.attention_impl=pallas --config.mesh.tensor=4 ...] [--adjust_batch]

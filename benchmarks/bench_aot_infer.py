@@ -1,10 +1,10 @@
 """AOT memory plan of image generation (one guided flow step) for TPU slices, without TPUs.
 
-    nice -n 19 python benchmarks/bench_aot_infer.py --config configs/unimedvl_7b.py \
+    nice -n 19 python -m benchmarks.bench_aot_infer --config configs/unimedvl_7b.py \
         --topology v5e-8 --mesh data=1,tensor=8 --image-size 1024 \
         --out benchmarks/aot_infer/v5e-8_t8_fp32.json [--param-dtype bfloat16] [--set k=v ...]
-    python benchmarks/bench_aot_infer.py --gpu-check      # can XLA compile for GPUs offline here?
-    python benchmarks/bench_aot_infer.py --table benchmarks/aot_infer
+    python -m benchmarks.bench_aot_infer --gpu-check      # can XLA compile for GPUs offline here?
+    python -m benchmarks.bench_aot_infer --table benchmarks/aot_infer
 
 One plan per process (libtpu isolated; run them one at a time on a small machine). Writes the
 JSON of `unimedvl_jax.aot.plan_generation` (per-chip weights, contexts, XLA's argument / temp /
@@ -20,7 +20,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _gib(x):

@@ -1,8 +1,8 @@
 """Packed-sequence attention backends, timed: our Pallas kernel vs the baselines of each platform.
 
-    python benchmarks/bench_attention.py                       # 4k..32k, 7B attention shape
-    python benchmarks/bench_attention.py --lengths 4096,8192 --iters 20 --json out.json
-    python benchmarks/bench_attention.py --impls pallas,splash   # on a TPU
+    python -m benchmarks.bench_attention                       # 4k..32k, 7B attention shape
+    python -m benchmarks.bench_attention --lengths 4096,8192 --iters 20 --json out.json
+    python -m benchmarks.bench_attention --impls pallas,splash   # on a TPU
 
 Backends (`--impls`, default: every one this platform runs natively):
   pallas   our kernel (kernels/flash_attention.py): Mosaic on TPU, Triton on GPU
@@ -18,7 +18,7 @@ achieved TFLOP/s and the fraction of (query block, key block) pairs our kernel s
 ONLY allowed (query, key) pairs, for every backend: forward 4 * D * Hq * allowed_pairs, backward
 2.5x the forward (the FlashAttention-2 convention; recomputation is not counted).
 
-Packs are realistic (tests/helpers/attention_packs.py: VQA / report / text-to-image / editing /
+Packs are realistic (unimedvl_jax/kernels/random_packs.py: VQA / report / text-to-image / editing /
 counterfactual samples with ViT images, clean and noised VAE images, text), greedily packed.
 
 On CPU the Pallas kernels run in interpret mode, which is far too slow to time: the script then
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -43,18 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from unimedvl_jax.kernels.cudnn_attention import cudnn_attention  # noqa: E402
 from unimedvl_jax.kernels.flash_attention import (block_sparsity, default_block_sizes,  # noqa: E402
                                                   flash_attention, resolve_backend)
+from unimedvl_jax.kernels import random_packs as packs  # noqa: E402
 from unimedvl_jax.kernels.splash import splash_attention  # noqa: E402
 from unimedvl_jax.model.attention import allowed, attention_mask, reference_attention  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    'bench_packs', os.path.join(ROOT, 'tests', 'helpers', 'attention_packs.py'))
-packs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(packs)
 
 ALL_IMPLS = ('pallas', 'splash', 'cudnn', 'dense')
 

@@ -1,8 +1,8 @@
 """Per-step time of the flow sampler with the CFG contexts batched into one model call vs one
 call per context, interleaved in one process.
 
-    python benchmarks/bench_cfg.py                        # tiny, batch 1 and 4, 2 and 3 contexts
-    python benchmarks/bench_cfg.py --config tiny --batches 1,4 --steps 11 --rounds 5 --json out.json
+    python -m benchmarks.bench_cfg                        # tiny, batch 1 and 4, 2 and 3 contexts
+    python -m benchmarks.bench_cfg --config tiny --batches 1,4 --steps 11 --rounds 5 --json out.json
 
 Random weights (configs/<config>.py, its compute dtype), a prepared model. Requests: an editing
 prompt (a clean VAE image, a ViT image, a 24-token instruction) generating an image at the
@@ -19,14 +19,12 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from unimedvl_jax.config import load_config_file  # noqa: E402
 from unimedvl_jax.infer import context as C  # noqa: E402

@@ -1,6 +1,6 @@
 """Input pipeline throughput: samples/s and packed tokens/s with 0 and 2 grain workers.
 
-    python benchmarks/bench_data.py --steps_per_sec 2.0 [--config configs/tiny.py]
+    python -m benchmarks.bench_data --steps_per_sec 2.0 [--config configs/tiny.py]
         [--workers 0,2] [--batches 30] [--root DIR]
 
 Reads the embedded synthetic dataset (or --root / config.data.root) with the config's pack
@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bench(cfg, workers: int, batches: int, warmup: int = 3) -> dict:

@@ -1,7 +1,7 @@
 """Per-token time of cached text decoding vs a full recompute, interleaved in one process.
 
-    python benchmarks/bench_decode.py                                # tiny, 256 and 2048 context
-    python benchmarks/bench_decode.py --contexts 256,2048 --new 32 --rounds 7 --json out.json
+    python -m benchmarks.bench_decode                                # tiny, 256 and 2048 context
+    python -m benchmarks.bench_decode --contexts 256,2048 --new 32 --rounds 7 --json out.json
 
 At each context size N (configs/tiny.py by default, random weights, batch 1): a context of
 capacity N is prefilled with one text item of N - new - 4 prompt ids, so that the decode of
@@ -36,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -45,7 +44,6 @@ import numpy as np
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from unimedvl_jax.config import load_config_file  # noqa: E402
 from unimedvl_jax.infer import context as C  # noqa: E402

@@ -1,7 +1,7 @@
 """Inference speed: prefill, KV-cache decode vs no-cache decode, and image generation.
 
-    python benchmarks/bench_infer.py                          # tiny and small configs, CPU
-    python benchmarks/bench_infer.py --configs tiny --json out.json
+    python -m benchmarks.bench_infer                          # tiny and small configs, CPU
+    python -m benchmarks.bench_infer --configs tiny --json out.json
 
 Per config (random weights, `unimedvl_jax.infer.random_init`; the config's compute dtype):
 - prefill tokens/s: one causal text block of --prompt tokens into an empty context, batch 1, 8;
@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -38,7 +37,6 @@ import numpy as np
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from unimedvl_jax import profiling  # noqa: E402
 from unimedvl_jax.config import load_config_file  # noqa: E402

@@ -1,8 +1,8 @@
 """Memory of LoRA fine-tuning and int8 inference, and (with a checkpoint) fp32 vs int8 metrics.
 
-    python benchmarks/bench_lora_int8.py                          # tiny, small, unimedvl_7b
-    python benchmarks/bench_lora_int8.py --configs tiny,small --rank 16 --json out.json
-    python benchmarks/bench_lora_int8.py --configs tiny --checkpoint runs/tiny \
+    python -m benchmarks.bench_lora_int8                          # tiny, small, unimedvl_7b
+    python -m benchmarks.bench_lora_int8 --configs tiny,small --rank 16 --json out.json
+    python -m benchmarks.bench_lora_int8 --configs tiny --checkpoint runs/tiny \
         --data runs/tiny/data/test/vqa.jsonl,runs/tiny/data/test/edit.jsonl --max-samples 32
 
 1. Optimizer-state bytes (AdamW mu + nu and the step count) of the full training state vs
@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from unimedvl_jax.config import load_config_file  # noqa: E402
 

@@ -1,7 +1,7 @@
 """MoT routing FLOPs: compiled cost_analysis of ONE decoder layer vs one expert per token.
 
-    JAX_PLATFORMS=cpu python benchmarks/bench_mot_flops.py                 # tiny dims
-    python benchmarks/bench_mot_flops.py --config configs/small.py --B 2 --U 768 --L 256 --grad
+    JAX_PLATFORMS=cpu python -m benchmarks.bench_mot_flops                 # tiny dims
+    python -m benchmarks.bench_mot_flops --config configs/small.py --B 2 --U 768 --L 256 --grad
 
 Builds the real `MoTDecoder` with num_layers=1 and scan_layers=False, runs it forward on random
 x_u [B, U, H] and x_g [B, L, H] with a cheap elementwise `attend` (q * (k + v) with the KV heads
@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,8 +37,7 @@ from flax import nnx  # noqa: E402
 from unimedvl_jax import profiling  # noqa: E402
 from unimedvl_jax.config import load_config_file  # noqa: E402
 from unimedvl_jax.model.decoder import MoTDecoder, Rope  # noqa: E402
-from unimedvl_jax.model.layers import rope_cos_sin  # noqa: E402
-from unimedvl_jax.model.unimedvl import _take_rows, inverse_permutation  # noqa: E402
+from unimedvl_jax.model.layers import inverse_permutation, rope_cos_sin, take_rows  # noqa: E402
 
 
 def _cheap(q, k, v):
@@ -56,9 +53,9 @@ def cheap_attend(qkv_u, qkv_g, extra):
 def permuted_attend(perm, inv, U):
   """The model's packed_attend data movement (gather to sequence order and back), cheap attend."""
   def attend(qkv_u, qkv_g, extra):
-    to_seq = lambda a, b: _take_rows(jnp.concatenate([a, b], axis=1), inv)
+    to_seq = lambda a, b: take_rows(jnp.concatenate([a, b], axis=1), inv)
     q, k, v = (to_seq(a, b) for a, b in zip(qkv_u, qkv_g))
-    o = _take_rows(_cheap(q, k, v), perm)
+    o = take_rows(_cheap(q, k, v), perm)
     return (o[:, :U], o[:, U:]), extra
   return attend
 
@@ -96,8 +93,8 @@ def compiled_flops(cfg, B: int, U: int, L: int, routing: str = 'streams', grad: 
       return h_u, h_g
     if routing == 'permuted':
       inv = inverse_permutation(perm)
-      h_u, h_g, _ = d(x_u, x_g, rope(_take_rows(pos, perm[:, :U])),
-                      rope(_take_rows(pos, perm[:, U:])), permuted_attend(perm, inv, U))
+      h_u, h_g, _ = d(x_u, x_g, rope(take_rows(pos, perm[:, :U])),
+                      rope(take_rows(pos, perm[:, U:])), permuted_attend(perm, inv, U))
       return h_u, h_g
     if routing == 'dense':
       # naive MoT: every expert on every token, then a per-token select

@@ -1,11 +1,11 @@
 """The real jitted training step on real packed batches: FLOPs, compile time, step time, MFU, memory.
 
-    JAX_PLATFORMS=cpu python benchmarks/bench_train_step.py                      # small, bf16
-    python benchmarks/bench_train_step.py --config configs/tiny.py --dtype fp32 --steps 5
-    python benchmarks/bench_train_step.py --remat full --json out.json
-    python benchmarks/bench_train_step.py --profile /tmp/prof      # + top ops of one step
-    python benchmarks/bench_train_step.py --override model.attention_impl=xla   # dense reference
-    python benchmarks/bench_train_step.py --side_by_side    # vs torch / minimal JAX / baseline
+    JAX_PLATFORMS=cpu python -m benchmarks.bench_train_step                      # small, bf16
+    python -m benchmarks.bench_train_step --config configs/tiny.py --dtype fp32 --steps 5
+    python -m benchmarks.bench_train_step --remat full --json out.json
+    python -m benchmarks.bench_train_step --profile /tmp/prof      # + top ops of one step
+    python -m benchmarks.bench_train_step --override model.attention_impl=xla   # dense reference
+    python -m benchmarks.bench_train_step --side_by_side    # vs torch / minimal JAX / baseline
 
 Batches come from the real input pipeline (`data.pipeline.make_train_iterator`) on the embedded
 synthetic dataset, generated once into --data_dir at the config's VAE image size (a few
@@ -44,7 +44,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -77,7 +76,7 @@ def loadavg() -> list[float]:
 # ---------------------------------------------------------------------------------- batches
 
 def pipeline_batches(cfg, n: int, data_dir: str) -> list[dict]:
-  from side_by_side import pipeline_batches as batches_and_root   # benchmarks/ is on sys.path
+  from benchmarks.side_by_side import pipeline_batches as batches_and_root
   return batches_and_root(cfg, n, data_dir)[0]
 
 
@@ -314,8 +313,7 @@ def bench(args) -> dict:
 
   # ---- compiled FLOPs of the unrolled step, with the blocked attention's loop iterations
   if args.unrolled:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import side_by_side
+    from benchmarks import side_by_side
     cf = side_by_side.compiled_flops(cfg, timed[0], tc, mesh, spec)
     f0 = profiling.model_flops_per_step(cfg, batch=timed[0])['train']
     out['compiled_flops_unrolled'] = cf
@@ -360,8 +358,7 @@ def main(argv=None):
   ap.add_argument('--verbose', action='store_true')
   args = ap.parse_args(argv)
   if args.side_by_side:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import side_by_side
+    from benchmarks import side_by_side
     out = side_by_side.run(args.contestant or list(side_by_side.DEFAULT_LINEUP),
                            rounds=args.rounds, steps=1, reference=None, data_dir=args.data_dir,
                            baseline_commit=side_by_side.BASELINE_COMMIT, timeout=1800)

@@ -1,13 +1,13 @@
 """The one prepared GPU check of the attention backends (issue 16): under 5 minutes on one GPU.
 
-    python benchmarks/gpu_check.py --json gpu_check.json        # on a GPU machine (jax[cuda])
-    JAX_PLATFORMS=cpu python benchmarks/gpu_check.py --dry-run  # tiny shapes, any CPU machine
+    python -m benchmarks.gpu_check --json gpu_check.json        # on a GPU machine (jax[cuda])
+    JAX_PLATFORMS=cpu python -m benchmarks.gpu_check --dry-run  # tiny shapes, any CPU machine
 
 Four parts, each recorded in the JSON (and printed); a part that would run past --budget-s is
 skipped and marked so (never estimated):
   1. environment: jax version, device kind, the device's bf16 dense datasheet peak (if known)
   2. correctness of every backend against `reference_attention` (f32 softmax on the same inputs)
-     on random packs holding causal, full and noise splits (tests/helpers/attention_packs.py),
+     on random packs holding causal, full and noise splits (unimedvl_jax/kernels/random_packs.py),
      GQA 7:1 (28 query / 4 KV heads), head dim 128, bf16: forward and dq / dk / dv, max relative
      error (tolerance 5e-2: bf16 inputs, p and dS rounded to bf16 before the second matmuls)
   3. forward and forward+backward time and achieved TFLOP/s of each backend at 8k and 32k tokens
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -37,23 +36,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f'gpu_check_{name}',
-                                                os.path.join(ROOT, 'benchmarks', f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-ba = _load('bench_attention')
-packs = ba.packs
+from benchmarks import bench_attention as ba  # noqa: E402
+from unimedvl_jax.kernels import random_packs as packs  # noqa: E402
 
 # bf16 dense (no sparsity) datasheet peaks, FLOP/s, by device-kind substring (first match wins)
 DATASHEET_BF16 = (('H200', 989.4e12), ('H100 PCIe', 756.0e12), ('H100', 989.4e12),
@@ -157,7 +147,7 @@ def part_timing(args, impls, budget: Budget, out):
 
 
 def part_train_step(args, budget: Budget, out):
-  bts = _load('bench_train_step')
+  from benchmarks import bench_train_step as bts
   kind = jax.devices()[0].device_kind
   peak = datasheet_peak(kind)
   res = {'config': args.train_config, 'overrides': args.train_overrides, 'impls': {}}
@@ -240,7 +230,7 @@ def main(argv=None):
     corr_impls = ('pallas', 'pallas-tpu', 'splash', 'cudnn', 'dense')
     time_impls = ('pallas', 'cudnn', 'dense')
   budget = Budget(args.budget_s or (3600.0 if dry else 285.0))
-  cmd = 'python benchmarks/gpu_check.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  cmd = 'python -m benchmarks.gpu_check ' + ' '.join(argv if argv is not None else sys.argv[1:])
   out = {'command': cmd, 'dry_run': dry, 'jax': jax.__version__, 'platform': platform,
          'device_kind': kind, 'device_count': jax.device_count(),
          'datasheet_bf16_peak_flops': datasheet_peak(kind)}

@@ -1,8 +1,8 @@
 """Side-by-side train-step benchmark: several systems in separate processes, all alive at once,
 stepped in turn (one at a time, so none competes with another for the 2 cores), ratio per round.
 
-    python benchmarks/bench_train_step.py --side_by_side                 # the default line-up
-    python benchmarks/side_by_side.py --contestant torch_qwen2:dtype=bf16 \\
+    python -m benchmarks.bench_train_step --side_by_side                 # the default line-up
+    python -m benchmarks.side_by_side --contestant torch_qwen2:dtype=bf16 \\
         --contestant jax_minimal --contestant project_text --rounds 5 --json out.json
 
 Contestants (NAME[:key=value,...]):
@@ -43,7 +43,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE_COMMIT = '8e60223'   # the last commit before this round's lean-step work
 
 DEFAULT_LINEUP = ('torch_qwen2:dtype=fp32', 'torch_qwen2:dtype=bf16', 'jax_minimal',
@@ -77,8 +76,7 @@ def build_torch(kw):
   import numpy as np
   import torch
   from transformers import Qwen2Config, Qwen2ForCausalLM
-  sys.path.insert(0, HERE)
-  import minimal_lm
+  from benchmarks import minimal_lm
   d = minimal_lm.Dims()
   torch.manual_seed(0)
   cfg = Qwen2Config(vocab_size=d.vocab, hidden_size=d.hidden, intermediate_size=d.intermediate,
@@ -122,8 +120,7 @@ def build_torch(kw):
 
 def build_minimal(kw):
   import jax
-  sys.path.insert(0, HERE)
-  import minimal_lm
+  from benchmarks import minimal_lm
   d = minimal_lm.Dims()
   dtype = {'bf16': 'bfloat16', 'fp32': 'float32'}[kw.get('dtype', 'bf16')]
   step_fn, state, batch = minimal_lm.build(d, dtype)

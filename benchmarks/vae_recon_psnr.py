@@ -1,7 +1,7 @@
 """Reconstruction PSNR of a training workdir's VAE on its dataset's test images: the ceiling of
 every image-generation task (a generated image is always a VAE decode).
 
-    JAX_PLATFORMS=cpu python benchmarks/vae_recon_psnr.py WORKDIR [--n 64] [--split test]
+    JAX_PLATFORMS=cpu python -m benchmarks.vae_recon_psnr WORKDIR [--n 64] [--split test]
 
 Encodes each image to its posterior mean, decodes, clips to [-1, 1] and reports the mean PSNR in
 [0, 1] pixel units (the evaluation harness's convention). Uses the EMA weights, as evaluation does.
@@ -13,10 +13,8 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main():

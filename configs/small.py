@@ -1,6 +1,6 @@
 """A CPU benchmark size (~50 M parameters): the same architecture, both experts, ViT and VAE.
 
-    python benchmarks/bench_train_step.py --config configs/small.py
+    python -m benchmarks.bench_train_step --config configs/small.py
 
 Used for speed/memory benchmarks on the 2-core CPU (bf16 and fp32); not a training target here.
 """

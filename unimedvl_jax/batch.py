@@ -143,6 +143,18 @@ class Geometry:
       return tuple(sorted(tuple(int(x) for x in b) for b in self.buckets))
     return ((self.vae_max_size, self.vae_max_size, self.N),)
 
+  @property
+  def vit_rule(self) -> dict:
+    """The ViT resize rule: keyword arguments of data.images.target_size (training and
+    inference resize by it)."""
+    return dict(max_size=self.vit_max_size, min_size=self.vit_min_size, stride=self.vit_patch,
+                max_pixels=self.vit_max_pixels)
+
+  @property
+  def vae_rule(self) -> dict:
+    """The VAE resize rule: keyword arguments of data.images.target_size."""
+    return dict(max_size=self.vae_max_size, min_size=self.vae_min_size, stride=self.latent_px)
+
   def bucket_tokens(self, h: int, w: int) -> int:
     return (h // self.latent_px) * (w // self.latent_px)
 

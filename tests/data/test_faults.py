@@ -16,7 +16,9 @@ from PIL import Image
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.data import check as check_lib
 from unimedvl_jax.data import images as I
+from unimedvl_jax.data import packer as packer_lib
 from unimedvl_jax.data import pipeline
+from unimedvl_jax.data import samples as samples_lib
 from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_DOCS, SAMPLE_ERROR_REASONS, DataError,
                                      JsonlSource, RawLine, SampleError, parse_record)
 
@@ -268,7 +270,7 @@ def test_sample_processor_never_raises(cfg, tmp_path, monkeypatch):
 
   def boom(*a, **k):
     raise KeyError('unforeseen')
-  monkeypatch.setattr(pipeline, 'plan_sample', boom)
+  monkeypatch.setattr(samples_lib, 'plan_sample', boom)
   el = proc(_raw(ok))
   assert el.reason == 'processing_error' and el.detail == "KeyError: 'unforeseen'"
 
@@ -282,7 +284,7 @@ def test_train_iterator_skips_tokenize_failures(cfg, monkeypatch):
     if calls['n'] % 5 == 2:
       raise ZeroDivisionError('injected')
     return real(items, *a, **k)
-  monkeypatch.setattr(pipeline, 'tokenize', flaky)
+  monkeypatch.setattr(packer_lib, 'tokenize', flaky)
   cfg.data.max_bad_fraction = 0.5
   it = pipeline.make_train_iterator(cfg)
   for _ in range(3):

@@ -3,7 +3,9 @@ independent reference of the mask tests (tests/model/test_attention_mask.py, tes
 
 import numpy as np
 
-C, F, N = 0, 1, 2
+from unimedvl_jax.batch import MODE_CAUSAL as C  # noqa: F401
+from unimedvl_jax.batch import MODE_FULL as F
+from unimedvl_jax.batch import MODE_NOISE as N
 
 
 def literal_rule(seg, split, mode):

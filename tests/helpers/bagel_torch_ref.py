@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-CAUSAL, FULL, NOISE = 0, 1, 2
+from unimedvl_jax.batch import MODE_CAUSAL as CAUSAL
+from unimedvl_jax.batch import MODE_FULL as FULL  # noqa: F401
+from unimedvl_jax.batch import MODE_NOISE as NOISE
 
 
 # ------------------------------------------------------------------------------------ decoder

@@ -16,7 +16,7 @@ from tests.helpers.model_packs import build_batch, mixed_samples
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.import_torch import import_state_dict
-from unimedvl_jax.model.vit import patchify_image
+from unimedvl_jax.data.images import patchify_image
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 OVERRIDES = ['data.batch_size=2', 'data.seq_len=96', 'data.max_latent_tokens=16',

@@ -13,9 +13,8 @@ from torch import nn
 
 from tests.helpers.torch_flux_vae import TDecoder, TEncoder
 from unimedvl_jax.config import model_defaults
-from unimedvl_jax.model.vae import (AutoEncoder, _sdpa_single_head, from_flux_state_dict, patchify,
-                                    unpatchify)
-from unimedvl_jax.model.vit import load_pure_dict
+from unimedvl_jax.interop.hf_loaders import from_flux_state_dict, load_pure_dict
+from unimedvl_jax.model.vae import AutoEncoder, _sdpa_single_head, patchify, unpatchify
 
 BASE, MULT, BLOCKS, GROUPS, Z = 32, (1, 2, 2, 2), 1, 8, 16
 SCALE, SHIFT = 0.3611, 0.1159

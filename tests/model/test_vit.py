@@ -12,8 +12,10 @@ from flax import nnx
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from unimedvl_jax.config import model_defaults
-from unimedvl_jax.model.vit import (SiglipViT, conv_patch_weight_to_linear, from_hf_siglip_state_dict,
-                                    linear_to_conv_patch_weight, load_pure_dict, patchify_image)
+from unimedvl_jax.data.images import patchify_image
+from unimedvl_jax.interop.hf_loaders import (conv_patch_weight_to_linear, from_hf_siglip_state_dict,
+                                             linear_to_conv_patch_weight, load_pure_dict)
+from unimedvl_jax.model.vit import SiglipViT
 
 HIDDEN, HEADS, LAYERS, PATCH, GRID, INTER = 64, 2, 3, 4, 6, 96
 

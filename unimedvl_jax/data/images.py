@@ -582,6 +582,14 @@ def vit_patchify(img: np.ndarray, patch: int) -> tuple[np.ndarray, int, int]:
   return p, nh, nw
 
 
+def patchify_image(img: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`vit_patchify` plus each patch's grid row and column: (patches [nh*nw, p*p*C], rows [nh*nw],
+  cols [nh*nw]), the patch's position id being row * vit.grid_size + col."""
+  p, nh, nw = vit_patchify(img, patch)
+  rows, cols = np.divmod(np.arange(nh * nw), nw)
+  return p, rows, cols
+
+
 def save_png(img: np.ndarray, path: PathLike) -> None:
   """Writes uint8 [H, W, 3] or [H, W] as a PNG with deterministic bytes (no metadata)."""
   img = np.asarray(img, np.uint8)

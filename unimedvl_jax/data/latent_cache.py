@@ -226,8 +226,7 @@ def build(cfg, model, root: str, out: str, *, splits=('train',), batch: int = 32
     except (imlib.ImageError, OSError, ValueError) as e:
       skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
       continue
-    h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=g.vae_max_size,
-                               min_size=g.vae_min_size, stride=g.latent_px)
+    h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **g.vae_rule)
     pending.setdefault((h2, w2), []).append((image_key(root, ref), stamp,
                                               imlib.resize(img, (h2, w2))))
     n_img += 1

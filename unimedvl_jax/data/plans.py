@@ -195,9 +195,7 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
       it.ids = np.asarray(tokenizer.encode(it.text), np.int32)
     elif it.kind == 'vit':
       img = load(it.image)
-      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vit_max_size,
-                                 min_size=geom.vit_min_size, stride=geom.vit_patch,
-                                 max_pixels=geom.vit_max_pixels)
+      h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **geom.vit_rule)
       patches, nh, nw = imlib.vit_patchify(imlib.resize(img, (h2, w2)), geom.vit_patch)
       _check_grid(sample, 'ViT patch', nh, nw, geom.vit_grid, 'model.vit.grid_size')
       it.patches, it.grid = np.asarray(patches, np.uint8), (int(nh), int(nw))
@@ -206,8 +204,7 @@ def materialize(items: Sequence[PlanItem], tokenizer, geom: Geometry, sample: Sa
         it.moments, (h2, w2) = latent_cache.lookup(it.image, sample)
       else:
         img = load(it.image)
-        h2, w2 = imlib.target_size(img.shape[0], img.shape[1], max_size=geom.vae_max_size,
-                                   min_size=geom.vae_min_size, stride=geom.latent_px)
+        h2, w2 = imlib.target_size(img.shape[0], img.shape[1], **geom.vae_rule)
         if for_training and geom.bucket_index(h2, w2) is None:
           raise SampleError('vae_size', sample.file, sample.line,
                             f'{it.image.path}: VAE size {h2}x{w2} has no slot in '
@@ -315,13 +312,68 @@ class TokenSample:
     return None
 
 
+class ItemTokens(NamedTuple):
+  """The tokens of ONE item (SPEC section 3), relative to the position counter before it: the
+  layout rule shared by training (`tokenize`) and inference (infer/blocks.py's BlockBuilder)."""
+  ids: np.ndarray            # [m] int32: <|im_start|> ids <|im_end|>, or markers around 0s
+  mode: int                  # the item's split mode
+  token_type: np.ndarray     # [m] int32 (markers are TOKEN_TEXT)
+  positions: np.ndarray      # [m] int32 RoPE positions (an image: all at the counter)
+  label_ids: np.ndarray      # [m] int32 (with loss: ids[j + 1] at j; 0 elsewhere)
+  loss_mask: np.ndarray      # [m] float32
+  pos_ids: np.ndarray | None   # image: [k] row * pos_grid + col of its tokens (offsets 1..k)
+  advance: int               # how far the item moves the position counter
+
+
+def grid_pos_ids(gh: int, gw: int, stride: int) -> np.ndarray:
+  """Position-table ids row * stride + col of a (gh, gw) grid, row-major (ViT patches with
+  stride vit.grid_size, VAE latents with stride model.max_latent_size)."""
+  r, c = np.divmod(np.arange(gh * gw, dtype=np.int32), gw)
+  return (r * stride + c).astype(np.int32)
+
+
+def item_tokens(kind: str, specials: Specials, counter: int = 0, *, ids=None, grid=(0, 0),
+                noised: bool = False, loss: bool = False, pos_grid: int = 0) -> ItemTokens:
+  """The tokens of one 'text' (ids, no specials), 'vit' or 'vae' (a (gh, gw) grid; `noised`: a
+  generation target) item whose first token sits at position `counter`. Text is causal at
+  consecutive positions; an image is <|vision_start|> tokens <|vision_end|>, all at ONE position,
+  full (ViT, clean VAE) or noise (noised VAE; then the counter does not advance)."""
+  if kind == 'text':
+    t = np.asarray(ids, np.int32).reshape(-1)
+    m = t.size + 2
+    tok = np.concatenate([[specials.im_start], t, [specials.im_end]]).astype(np.int32)
+    tt = np.full(m, TOKEN_TEXT, np.int32)
+    pos = np.arange(counter, counter + m, dtype=np.int32)
+    if loss:   # position j predicts ids[j + 1]; the final <|im_end|> has no label
+      lab = np.concatenate([tok[1:], [0]]).astype(np.int32)
+      lm = np.concatenate([np.ones(m - 1, np.float32), [0.0]]).astype(np.float32)
+    else:
+      lab, lm = np.zeros(m, np.int32), np.zeros(m, np.float32)
+    return ItemTokens(tok, MODE_CAUSAL, tt, pos, lab, lm, None, m)
+  if kind in ('vit', 'vae'):
+    gh, gw = grid
+    k = gh * gw
+    m = k + 2
+    tok = np.zeros(m, np.int32)
+    tok[0], tok[-1] = specials.vision_start, specials.vision_end
+    tt = np.full(m, TOKEN_VIT if kind == 'vit' else TOKEN_VAE, np.int32)
+    tt[0] = tt[-1] = TOKEN_TEXT
+    noise = kind == 'vae' and noised
+    mode = MODE_NOISE if noise else MODE_FULL
+    return ItemTokens(tok, mode, tt, np.full(m, counter, np.int32), np.zeros(m, np.int32),
+                      np.zeros(m, np.float32), grid_pos_ids(gh, gw, pos_grid),
+                      0 if noise else 1)
+  raise ValueError(f'unknown item kind {kind!r}')
+
+
 def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
              rng: np.random.Generator | None = None, dropout=(0.0, 0.0, 0.0),
              loc: str = '', group: str = '') -> TokenSample:
-  """Token arrays of one sample (SPEC section 3). `dropout` = (p_text, p_vit, p_vae): an item
-  with enable_cfg is dropped with that probability, one rng.random() draw per such item."""
+  """Token arrays of one sample (SPEC section 3): each kept item's `item_tokens`, its split the
+  item's index. `dropout` = (p_text, p_vit, p_vae): an item with enable_cfg is dropped with that
+  probability, one rng.random() draw per such item."""
   p_text, p_vit, p_vae = dropout
-  segs = []   # per kept item: (ids, mode, token_type, positions, labels, loss_mask)
+  segs = []   # ItemTokens per kept item
   vit, vae = [], []
   counter, n = 0, 0
   for it in items:
@@ -330,53 +382,30 @@ def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
       if it.kind != 'text':
         counter += 1
       continue
-    if it.kind == 'text':
-      t = np.asarray(it.ids, np.int32).reshape(-1)
-      m = t.size + 2
-      ids = np.concatenate([[specials.im_start], t, [specials.im_end]]).astype(np.int32)
-      tt = np.full(m, TOKEN_TEXT, np.int32)
-      pos = np.arange(counter, counter + m, dtype=np.int32)
-      if it.loss:   # position j predicts ids[j + 1]; the final <|im_end|> has no label
-        lab = np.concatenate([ids[1:], [0]]).astype(np.int32)
-        lm = np.concatenate([np.ones(m - 1, np.float32), [0.0]]).astype(np.float32)
-      else:
-        lab, lm = np.zeros(m, np.int32), np.zeros(m, np.float32)
-      segs.append((ids, MODE_CAUSAL, tt, pos, lab, lm))
-      counter += m
-    elif it.kind in ('vit', 'vae'):
+    pos_grid = geom.vit_grid if it.kind == 'vit' else geom.max_latent_size
+    seg = item_tokens(it.kind, specials, counter, ids=it.ids, grid=it.grid, noised=it.noised,
+                      loss=it.loss, pos_grid=pos_grid)
+    if it.kind in ('vit', 'vae'):
       gh, gw = it.grid
       k = gh * gw
-      m = k + 2
-      ids = np.zeros(m, np.int32)
-      ids[0], ids[-1] = specials.vision_start, specials.vision_end
-      tt = np.full(m, TOKEN_VIT if it.kind == 'vit' else TOKEN_VAE, np.int32)
-      tt[0] = tt[-1] = TOKEN_TEXT
       offs = np.arange(n + 1, n + 1 + k, dtype=np.int32)
-      r, c = np.divmod(np.arange(k, dtype=np.int32), gw)
       if it.kind == 'vit':
-        mode = MODE_FULL
-        vit.append((np.asarray(it.patches, np.uint8).reshape(k, geom.K),
-                    (r * geom.vit_grid + c).astype(np.int32), offs))
+        vit.append((np.asarray(it.patches, np.uint8).reshape(k, geom.K), seg.pos_ids, offs))
       else:
-        mode = MODE_NOISE if it.noised else MODE_FULL
         size = (gh * geom.latent_px, gw * geom.latent_px)
         vae.append(VaeEntry(None if it.pixels is None else np.asarray(it.pixels, np.uint8),
-                            it.moments, bool(it.noised), offs,
-                            (r * geom.max_latent_size + c).astype(np.int32), size))
-      segs.append((ids, mode, tt, np.full(m, counter, np.int32), np.zeros(m, np.int32),
-                   np.zeros(m, np.float32)))
-      if not (it.kind == 'vae' and it.noised):
-        counter += 1
-    else:
-      raise ValueError(f'unknown item kind {it.kind!r}')
-    n += segs[-1][0].size
+                            it.moments, bool(it.noised), offs, seg.pos_ids, size))
+    segs.append(seg)
+    counter += seg.advance
+    n += seg.ids.size
   if not segs:
     z = np.zeros(0, np.int32)
     return TokenSample(z, z, z, z, z, z, np.zeros(0, np.float32), [], [], loc, group)
-  cat = lambda j: np.concatenate([sg[j] for sg in segs])
-  split = np.concatenate([np.full(sg[0].size, i, np.int32) for i, sg in enumerate(segs)])
-  modes = np.concatenate([np.full(sg[0].size, sg[1], np.int32) for sg in segs])
-  return TokenSample(cat(0), split, modes, cat(3), cat(2), cat(4), cat(5), vit, vae, loc, group)
+  cat = lambda f: np.concatenate([getattr(sg, f) for sg in segs])
+  split = np.concatenate([np.full(sg.ids.size, i, np.int32) for i, sg in enumerate(segs)])
+  modes = np.concatenate([np.full(sg.ids.size, sg.mode, np.int32) for sg in segs])
+  return TokenSample(cat('ids'), split, modes, cat('positions'), cat('token_type'),
+                     cat('label_ids'), cat('loss_mask'), vit, vae, loc, group)
 
 
 def sample_token_counts(items: Sequence[PlanItem], geom: Geometry) -> dict:

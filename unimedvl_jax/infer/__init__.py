@@ -1,9 +1,14 @@
 """Inference: KV-cache contexts, text decoding, the flow sampler with CFG, tasks and the CLI.
 
-    context.py   prepare (the model split once, per-layer decoder modules, optionally placed on
-                 a mesh), Context (batched per-layer KV cache + packed-sequence metadata),
-                 BlockBuilder, add_text, add_image, prefill, run_block, concat_contexts /
-                 take_rows (CFG contexts)
+    context.py   the forward of a block over a context (cached attention, masks from batch.allowed),
+                 prefill, run_block, add_text, add_image, encode_vae_tokens; re-exports the
+                 names of the three modules below (the import path callers use)
+    kv_cache.py  Context (batched per-layer KV cache + packed-sequence metadata), new_context,
+                 shardings, concat_contexts / take_rows (CFG contexts), write_block
+    prepared.py  prepare (the model split once, per-layer decoder modules, optionally placed on
+                 a mesh), merge, backend_jit
+    blocks.py    Block, BlockBuilder (items laid out by data.plans.item_tokens, the layout
+                 training's tokenize uses), make_builder, vit_patches
     text.py      generate_text (jitted while-loop decode; greedy without sampling ops /
                  temperature + top-p)
     image.py     generate_latents / generate_images (Euler flow sampler, three-context CFG batched

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unimedvl_jax.batch import vae_downsample
+from unimedvl_jax.batch import Geometry
 from unimedvl_jax.infer import context as C
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
@@ -79,12 +79,11 @@ class Runner:
     self.tok = tokenizer
     self.cfg = cfg
     self.specials = C.Specials.from_tokenizer(tokenizer)
-    d, m = cfg.data, cfg.model
-    self.vit_patch = int(m.vit.patch_size)
-    self.latent_px = vae_downsample(m) * int(m.latent_patch_size)
-    self.vit_rule = dict(max_size=d.vit_max_size, min_size=d.vit_min_size, stride=self.vit_patch,
-                         max_pixels=d.vit_max_pixels or None)
-    self.vae_rule = dict(max_size=d.vae_max_size, min_size=d.vae_min_size, stride=self.latent_px)
+    geom = Geometry.from_config(cfg)    # the training resize rules, read from the same place
+    self.vit_patch = int(geom.vit_patch)
+    self.latent_px = int(geom.latent_px)
+    self.vit_rule = geom.vit_rule
+    self.vae_rule = geom.vae_rule
 
   # ----------------------------------------------------------------------------- items
   def text(self, s: str) -> Item:

@@ -9,6 +9,8 @@
     st_io         streaming safetensors reading (checked headers, memory-mapped) and writing
                   (tensor by tensor), shard planning
     measure_memory  the host memory of import / export (are they streaming?)
+    hf_loaders    the towers from their own upstream layouts: HF SigLIP vision, FLUX autoencoder
+                  state dicts -> SiglipViT / AutoEncoder parameters (load_pure_dict)
 
 CLI: `python -m unimedvl_jax.convert {import,export} ...`.
 """

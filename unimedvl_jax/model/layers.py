@@ -23,6 +23,19 @@ nnx.use_eager_sharding(False)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+def take_rows(x, idx):
+  """Per-batch-row gather along axis 1: x [B, n, ...], idx [B, m] -> [B, m, ...] (the MoT
+  stream <-> sequence order reorderings of the train forward and of the KV-cache forward)."""
+  return jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x, idx)
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """perm [B, T] (a permutation per row) -> inv with inv[b, perm[b, i]] = i."""
+  T = perm.shape[1]
+  ar = jnp.arange(T, dtype=perm.dtype)
+  return jax.vmap(lambda p: jnp.zeros((T,), perm.dtype).at[p].set(ar))(perm)
+
+
 def to_dtype(name_or_dtype):
   if isinstance(name_or_dtype, str):
     return DTYPES[name_or_dtype]

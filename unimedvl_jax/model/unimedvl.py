@@ -19,6 +19,8 @@ from unimedvl_jax.model import attention as attn_lib
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.embeddings import Connector, PositionTable, TimestepEmbedder
 from unimedvl_jax.model.layers import Linear, dense, make_param, normal_init, rope_cos_sin, to_dtype
+from unimedvl_jax.model.layers import inverse_permutation  # noqa: F401 (re-exported)
+from unimedvl_jax.model.layers import take_rows as _take_rows
 
 
 class LossOutput(NamedTuple):
@@ -32,18 +34,6 @@ class LossOutput(NamedTuple):
 def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
   """t <- s*t / (1 + (s-1)*t) (SPEC sections 4 and 7)."""
   return shift * t / (1.0 + (shift - 1.0) * t)
-
-
-def _take_rows(x, idx):
-  """Per-batch-row gather along axis 1: x [B, n, ...], idx [B, m] -> [B, m, ...]."""
-  return jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x, idx)
-
-
-def inverse_permutation(perm: jax.Array) -> jax.Array:
-  """perm [B, T] (a permutation per row) -> inv with inv[b, perm[b, i]] = i."""
-  T = perm.shape[1]
-  ar = jnp.arange(T, dtype=perm.dtype)
-  return jax.vmap(lambda p: jnp.zeros((T,), perm.dtype).at[p].set(ar))(perm)
 
 
 def chunked_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, mask: jax.Array,

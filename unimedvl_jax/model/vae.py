@@ -2,7 +2,7 @@
 
 The network is black-forest-labs/flux `src/flux/modules/autoencoder.py` (`AutoEncoder`), which
 BAGEL / UniMedVL load from `ae.safetensors`. Module attribute names mirror FLUX so that a FLUX key
-maps to our state path by renames only (`from_flux_state_dict`):
+maps to our state path by renames only (`interop.hf_loaders.from_flux_state_dict`):
 
     encoder.conv_in.{kernel, bias}                       <- encoder.conv_in.{weight OIHW, bias}
     encoder.down.{i}.block.{j}.{norm1,norm2}.{weight,bias}
@@ -23,11 +23,8 @@ and decoded images are float32.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from unimedvl_jax.model.layers import make_param, to_dtype
@@ -362,26 +359,3 @@ def unpatchify(tokens, h: int, w: int, p: int = 2, c: int = 16):
   x = tokens.reshape(*lead, h, w, p, p, c)
   x = jnp.moveaxis(x, n + 2, n + 1)          # [..., h, p(row), w, p(col), c]
   return x.reshape(*lead, h * p, w * p, c)
-
-
-# ------------------------------------------------------------------ FLUX state-dict import
-
-def from_flux_state_dict(sd: Mapping[str, np.ndarray], prefix: str = '') -> dict:
-  """FLUX `ae.safetensors` state dict (numpy values) -> nested dict in the layout of
-  `nnx.state(AutoEncoder)` (load with `unimedvl_jax.model.vit.load_pure_dict`, which checks the
-  key set and shapes both ways). Renames: conv `weight` [O, I, kh, kw] -> `kernel` [kh, kw, I, O];
-  GroupNorm `weight`/`bias` and conv `bias` keep their names; list indices become ints.
-  Keys not starting with `prefix` are ignored."""
-  out: dict = {}
-  for key, val in sd.items():
-    if not key.startswith(prefix):
-      continue
-    parts = [int(s) if s.isdigit() else s for s in key[len(prefix):].split('.')]
-    a = np.asarray(val)
-    if parts[-1] == 'weight' and a.ndim == 4:
-      parts[-1], a = 'kernel', a.transpose(2, 3, 1, 0)
-    node = out
-    for k in parts[:-1]:
-      node = node.setdefault(k, {})
-    node[parts[-1]] = a
-  return out

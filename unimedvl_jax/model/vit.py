@@ -18,57 +18,17 @@ transposes only):
 
 Linear kernels are [in, out] (torch weight transposed). HF's patch embedding is a Conv2d
 [D, 3, p, p]; BAGEL's checkpoint stores it already as a Linear [D, 3*p*p]
-(`conv_patch_weight_to_linear`).
+(`interop.hf_loaders.conv_patch_weight_to_linear`; the HF SigLIP state-dict loader is there too).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from unimedvl_jax.model import attention as attn_lib
 from unimedvl_jax.model.layers import GeluMLP, LayerNorm, Linear, make_param, normal_init, to_dtype
 from unimedvl_jax.model.scan import scan_layers, stack_layers
-
-
-# ------------------------------------------------------------------------------ weight helpers
-
-def conv_patch_weight_to_linear(w):
-  """HF Conv2d patch weight [out, C, p, p] (OIHW) -> Linear weight [out, p*p*C] (torch layout).
-
-  The Linear's input is the patch flattened in (row, col, channel) order, channel fastest, so the
-  weight is permuted to [out, p, p, C] and flattened; this is exactly BAGEL's
-  `convert_conv2d_to_linear`. Our kernel is the transpose of the result ([p*p*C, out]).
-  Accepts numpy/jax arrays or torch tensors; returns the same kind.
-  """
-  out = w.shape[0]
-  if hasattr(w, 'permute'):   # torch.Tensor
-    return w.permute(0, 2, 3, 1).reshape(out, -1)
-  return w.transpose(0, 2, 3, 1).reshape(out, -1)
-
-
-def linear_to_conv_patch_weight(w, patch_size: int, channels: int = 3):
-  """Inverse of `conv_patch_weight_to_linear`: [out, p*p*C] -> [out, C, p, p]."""
-  out = w.shape[0]
-  w = w.reshape(out, patch_size, patch_size, channels)
-  if hasattr(w, 'permute'):
-    return w.permute(0, 3, 1, 2)
-  return w.transpose(0, 3, 1, 2)
-
-
-def patchify_image(img, patch_size: int):
-  """One image [H, W, C] (H, W multiples of p) -> ([h*w, p*p*C] patches, [h*w] position rows
-  and cols) in row-major patch order, each patch flattened (row, col, channel), channel fastest.
-  numpy in, numpy out (the data pipeline's layout, used by tests)."""
-  H, W, C = img.shape
-  p = patch_size
-  h, w = H // p, W // p
-  x = np.asarray(img).reshape(h, p, w, p, C).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * C)
-  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-  return x, rows.reshape(-1), cols.reshape(-1)
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -192,104 +152,3 @@ class SiglipViT(nnx.Module):
     x = self.embeddings(patches, pos_ids)
     x = self.encoder(x, segment_ids)
     return self.post_layernorm(x)
-
-
-# ------------------------------------------------------------------ HF SigLIP state-dict import
-
-_LAYER_LEAVES = {
-    # HF suffix (after 'encoder.layers.{j}.') -> (our path inside a layer, is a Linear weight)
-    'self_attn.q_proj.weight': (('self_attn', 'q_proj', 'kernel'), True),
-    'self_attn.q_proj.bias': (('self_attn', 'q_proj', 'bias'), False),
-    'self_attn.k_proj.weight': (('self_attn', 'k_proj', 'kernel'), True),
-    'self_attn.k_proj.bias': (('self_attn', 'k_proj', 'bias'), False),
-    'self_attn.v_proj.weight': (('self_attn', 'v_proj', 'kernel'), True),
-    'self_attn.v_proj.bias': (('self_attn', 'v_proj', 'bias'), False),
-    'self_attn.out_proj.weight': (('self_attn', 'out_proj', 'kernel'), True),
-    'self_attn.out_proj.bias': (('self_attn', 'out_proj', 'bias'), False),
-    'layer_norm1.weight': (('layer_norm1', 'weight'), False),
-    'layer_norm1.bias': (('layer_norm1', 'bias'), False),
-    'layer_norm2.weight': (('layer_norm2', 'weight'), False),
-    'layer_norm2.bias': (('layer_norm2', 'bias'), False),
-    'mlp.fc1.weight': (('mlp', 'fc1', 'kernel'), True),
-    'mlp.fc1.bias': (('mlp', 'fc1', 'bias'), False),
-    'mlp.fc2.weight': (('mlp', 'fc2', 'kernel'), True),
-    'mlp.fc2.bias': (('mlp', 'fc2', 'bias'), False),
-}
-
-
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def from_hf_siglip_state_dict(sd: Mapping[str, np.ndarray], num_layers: int,
-                              prefix: str | None = None) -> dict:
-  """HF SigLIP vision (or BAGEL `vit_model.`) state dict -> nested dict of numpy arrays in the
-  layout of `nnx.state(SiglipViT)` (apply with `nnx.replace_by_pure_dict` + `nnx.update`).
-
-  sd values: numpy arrays (float). prefix: the key prefix before 'embeddings.'; detected if None
-  ('vision_model.', 'vit_model.vision_model.', or ''). The first `num_layers` encoder layers are
-  used (BAGEL builds one fewer than SigLIP's 27); extra layers and the pooling head are ignored.
-  The patch embedding may be a Conv2d [D, 3, p, p] or a Linear [D, 3*p*p]. The position table is
-  copied as is (its row count must equal grid_size**2 of the model it is loaded into).
-  Raises KeyError naming the missing key.
-  """
-  if prefix is None:
-    cands = [k[:-len('embeddings.patch_embedding.weight')] for k in sd
-             if k.endswith('embeddings.patch_embedding.weight')]
-    if len(cands) != 1:
-      raise KeyError(f'expected exactly one "*embeddings.patch_embedding.weight" key, found {cands}')
-    prefix = cands[0]
-
-  def get(name):
-    key = prefix + name
-    if key not in sd:
-      raise KeyError(f'SigLIP state dict has no key {key!r}')
-    return np.asarray(sd[key])
-
-  out: dict = {}
-  w = get('embeddings.patch_embedding.weight')
-  if w.ndim == 4:
-    w = conv_patch_weight_to_linear(w)
-  _set(out, ('embeddings', 'patch_embedding', 'kernel'), w.T)
-  _set(out, ('embeddings', 'patch_embedding', 'bias'), get('embeddings.patch_embedding.bias'))
-  _set(out, ('embeddings', 'position_embedding'), get('embeddings.position_embedding.weight'))
-  for suffix, (path, is_linear) in _LAYER_LEAVES.items():
-    per_layer = [get(f'encoder.layers.{j}.{suffix}') for j in range(num_layers)]
-    if is_linear:
-      per_layer = [a.T for a in per_layer]
-    _set(out, ('encoder', 'layers') + path, np.stack(per_layer))
-  _set(out, ('post_layernorm', 'weight'), get('post_layernorm.weight'))
-  _set(out, ('post_layernorm', 'bias'), get('post_layernorm.bias'))
-  return out
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, Mapping):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def load_pure_dict(model: nnx.Module, tree: Mapping) -> None:
-  """Writes a nested dict of arrays (e.g. from `from_hf_siglip_state_dict` or
-  `vae.from_flux_state_dict`) into `model`'s parameters, cast to their dtypes. Strict: every
-  parameter must be present with its exact shape and no extra entry may exist; errors name the
-  offending paths. (Generic over modules; the VAE uses it too.)"""
-  state = nnx.state(model)
-  ref = {path: var for path, var in nnx.to_flat_state(state)}
-  got = dict(_flatten(tree))
-  fmt = lambda paths: ', '.join('/'.join(map(str, p)) for p in sorted(paths, key=str)[:10])
-  missing, extra = set(ref) - set(got), set(got) - set(ref)
-  if missing or extra:
-    raise KeyError(f'load_pure_dict: {len(missing)} missing parameter(s) [{fmt(missing)}], '
-                   f'{len(extra)} unexpected entr(y/ies) [{fmt(extra)}]')
-  for path, var in ref.items():
-    if tuple(np.shape(got[path])) != tuple(var.shape):
-      raise ValueError(f'load_pure_dict: parameter {"/".join(map(str, path))} has shape '
-                       f'{tuple(np.shape(got[path]))}, the model expects {tuple(var.shape)}')
-  for path, var in ref.items():   # set_value: also fills abstract (nnx.eval_shape) models
-    var.set_value(jnp.asarray(got[path], dtype=var.dtype))
-  nnx.update(model, state)
