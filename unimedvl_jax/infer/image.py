@@ -40,6 +40,7 @@ from flax import nnx
 from unimedvl_jax.infer.context import (Context, ContextError, Specials, backend_jit,
                                         concat_contexts, forward_block, make_builder, merge,
                                         prepare)
+from unimedvl_jax.model.layers import take_rows
 
 RENORM_TYPES = ('global', 'channel', 'text_channel')
 RENORM_EPS = 1e-8
@@ -174,7 +175,7 @@ def _guided(model, ctxs, blk, x, t, settings: FlowSettings, batched: bool, big=N
   v_img = vs[-1] if settings.s_img > 1.0 else None
   if k == 1:
     return v
-  gen_valid = jax.vmap(lambda a, i: jnp.take(a, i))(blk.valid, blk.gen_seq).astype(jnp.float32)
+  gen_valid = take_rows(blk.valid, blk.gen_seq).astype(jnp.float32)
   return cfg_combine(v, v_txt, v_img, gen_valid, s_text=settings.s_text, s_img=settings.s_img,
                      renorm=settings.renorm, renorm_min=settings.renorm_min)
 
