@@ -30,9 +30,9 @@ from unimedvl_jax.model.embeddings import Buffer
 # ------------------------------------------------------------------------------ parameter counts
 
 def abstract_model(cfg_model):
-  """The model's variables as ShapeDtypeStructs (nothing allocated)."""
-  from unimedvl_jax.model.unimedvl import UniMedVL
-  return nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0)))
+  """The model's variables as ShapeDtypeStructs (nothing allocated): model.unimedvl.abstract_model."""
+  from unimedvl_jax.model.unimedvl import abstract_model as build
+  return build(cfg_model)
 
 
 def _component(path: tuple) -> str:

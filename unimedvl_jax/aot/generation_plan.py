@@ -51,13 +51,12 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
   from ml_collections import ConfigDict
   from unimedvl_jax import profiling, sharding
   from unimedvl_jax.config import validate
   from unimedvl_jax.infer import context as C
   from unimedvl_jax.infer import image as I
-  from unimedvl_jax.model.unimedvl import UniMedVL
+  from unimedvl_jax.model.unimedvl import abstract_model
 
   if not libtpu_available():
     raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
@@ -82,7 +81,7 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
     raise ValueError(f'a {image_size}px image needs a {g}x{g} latent grid, over '
                      f'model.max_latent_size ({cfg.model.max_latent_size})')
 
-  abstract = nnx.eval_shape(lambda: UniMedVL(cfg.model, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(cfg.model)
   p = C.prepare(abstract)                                 # abstract per-layer modules
   rules = sharding.Rules.from_config(cfg)
   st_sh = sharding.state_shardings(p.state, mesh_obj, rules)

@@ -20,8 +20,8 @@ from unimedvl_jax.model.embeddings import sincos_2d_table
 
 
 def random_model(cfg_model, seed: int = 0, *, bias_std: float = 0.0, zero_llm2vae: bool = False):
-  from unimedvl_jax.model.unimedvl import UniMedVL
-  abstract = nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0)))
+  from unimedvl_jax.model.unimedvl import abstract_model
+  abstract = abstract_model(cfg_model)
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   rng = np.random.default_rng(seed)

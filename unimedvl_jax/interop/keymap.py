@@ -246,11 +246,11 @@ def abstract_split(cfg_model):
   """(graphdef, abstract nnx.State) of UniMedVL(cfg_model); cached per model config (building
   the abstract model costs seconds). Callers must not mutate the returned state's Variables."""
   from flax import nnx
-  from unimedvl_jax.model.unimedvl import UniMedVL
+  from unimedvl_jax.model.unimedvl import abstract_model
   key = cfg_model.to_json(sort_keys=True) if hasattr(cfg_model, 'to_json') else None
   if key is not None and key in _ABSTRACT_CACHE:
     return _ABSTRACT_CACHE[key]
-  out = nnx.split(nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0))))
+  out = nnx.split(abstract_model(cfg_model))
   if key is not None:
     if len(_ABSTRACT_CACHE) > 8:
       _ABSTRACT_CACHE.clear()

@@ -313,3 +313,10 @@ class UniMedVL(nnx.Module):
     ce = ce_sum / jnp.maximum(ce_den, 1.0)
     mse = mse_sum / jnp.maximum(mse_den, 1.0)
     return LossOutput(ce_weight * ce + mse_weight * mse, ce, mse, ce_tokens, mse_tokens)
+
+
+def abstract_model(cfg_model) -> 'UniMedVL':
+  """UniMedVL built abstractly (nnx.eval_shape): every variable a ShapeDtypeStruct, nothing
+  allocated. The one way the package builds the model without weights (counting, sharding
+  plans, checkpoint restore targets, import keymaps)."""
+  return nnx.eval_shape(lambda: UniMedVL(cfg_model, rngs=nnx.Rngs(0)))

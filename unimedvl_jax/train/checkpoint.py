@@ -672,8 +672,8 @@ def config_buffers(cfg):
   """The frozen sin-cos tables of a config as a buffers nnx.State (no parameter allocated)."""
   from unimedvl_jax.model.embeddings import sincos_2d_table
   from unimedvl_jax.model.layers import to_dtype
-  from unimedvl_jax.model.unimedvl import UniMedVL
-  abstract = nnx.eval_shape(lambda: UniMedVL(cfg.model, rngs=nnx.Rngs(0)))
+  from unimedvl_jax.model.unimedvl import abstract_model
+  abstract = abstract_model(cfg.model)
   _, _, b_abs = model_states(abstract)
   grids = {'vit_pos_embed': cfg.model.vit.grid_size, 'latent_pos_embed': cfg.model.max_latent_size}
   for path, var in nnx.to_flat_state(b_abs):
@@ -687,7 +687,7 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
 
   With `cfg` given, the checkpoint's config must describe the same model (else CheckpointError).
   """
-  from unimedvl_jax.model.unimedvl import UniMedVL
+  from unimedvl_jax.model.unimedvl import abstract_model
   ck = Checkpointer(directory, async_save=False)
   s, ck_cfg = _read_config(ck, directory, step)
   if cfg is not None:
@@ -697,7 +697,7 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
                     if _flatcfg(a).get(k) != _flatcfg(b).get(k))
       raise CheckpointError(f'checkpoint {directory} (step {s}) was written for a different model: '
                             f'fields differ: {diff[:20]}')
-  abstract = nnx.eval_shape(lambda: UniMedVL(ck_cfg.model, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(ck_cfg.model)
   graphdef, p_abs, b_abs = model_states(abstract)
   which = 'ema' if use_ema else 'params'
   meta = ck.manager.item_metadata(s)
