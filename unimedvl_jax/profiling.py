@@ -198,7 +198,8 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
       fwd['vit'] = vit
     fwd['connector'] = conn
   if m.vae.enabled and L > 0:
-    fwd['gen_adapters'] = 2.0 * B * L * (64 * H + m.timestep_freq_dim * H + H * H + H * 64)
+    D_lat = geom.latent_dim                    # latent_patch_size**2 * z_channels
+    fwd['gen_adapters'] = 2.0 * B * L * (D_lat * H + m.timestep_freq_dim * H + H * H + H * D_lat)
     if vae_images is None:
       vae_images = ([] if geom.latent_cache else
                     [(h, w) for h, w, n in geom.vae_buckets for _ in range(n * B)])
