@@ -9,9 +9,7 @@ from typing import Any
 from unimedvl_jax.aot.hlo_stats import analyze_hlo
 from unimedvl_jax.aot.memory import (_with_shardings, compile_or_oom, conservative_bytes,
                                      state_bytes_per_chip)
-from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, libtpu_available,
-                                       parse_topology, prepare_env,
-                                       topology_devices)
+from unimedvl_jax.aot.topology import GIB, RESERVED_GIB, TPU_CHIPS, target_config, topology_devices
 from unimedvl_jax.batch import vae_downsample
 
 def _parse_mesh(mesh: str | dict | None, chips_or_devices: int) -> dict[str, int]:
@@ -46,26 +44,16 @@ def plan_generation(cfg, topology: str, *, image_size: int = 1024, batch: int = 
   'tensor'); the contexts' rows over the batch axes, their kv heads over 'tensor' (dropped when
   it does not divide the kv heads). Requests: `batch` prompts of `prompt_tokens` text tokens.
   """
-  spec = parse_topology(topology)
-  prepare_env(topology)
+  spec, cfg = target_config(cfg, topology, **({'param_dtype': param_dtype} if param_dtype else {}))
   import jax
   import jax.numpy as jnp
   import numpy as np
   from ml_collections import ConfigDict
   from unimedvl_jax import profiling, sharding
-  from unimedvl_jax.config import validate
   from unimedvl_jax.infer import context as C
   from unimedvl_jax.infer import image as I
   from unimedvl_jax.model.unimedvl import abstract_model
 
-  if not libtpu_available():
-    raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
-                       '(pins libtpu==0.0.42.1)')
-  cfg = cfg.copy_and_resolve_references()
-  if param_dtype:
-    cfg.model.param_dtype = param_dtype
-  cfg.model.attention_platform = 'tpu'      # compiled for the target chips (see train_plan)
-  cfg = validate(cfg)
   t0 = time.perf_counter()
   devices = topology_devices(spec)
   chip = TPU_CHIPS[spec.generation]

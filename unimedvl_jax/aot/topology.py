@@ -98,6 +98,23 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
+def target_config(cfg, topology: str, **model_fields):
+  """The start of every AOT plan: (TopologySpec, a validated copy of cfg) for `topology`, with
+  libtpu's environment set, `model_fields` applied (e.g. param_dtype) and the attention compiled
+  for the target chips (model.attention_platform = 'tpu'), not for this process's backend."""
+  spec = parse_topology(topology)
+  prepare_env(topology)
+  if not libtpu_available():
+    raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
+                       '(pins libtpu==0.0.42.1)')
+  from unimedvl_jax.config import validate
+  cfg = cfg.copy_and_resolve_references()
+  for k, v in model_fields.items():
+    cfg.model[k] = v
+  cfg.model.attention_platform = 'tpu'
+  return spec, validate(cfg)
+
+
 def topology_devices(spec: TopologySpec):
   from jax.experimental import topologies
   return topologies.get_topology_desc(spec.name, 'tpu').devices

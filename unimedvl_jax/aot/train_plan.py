@@ -9,9 +9,7 @@ from typing import Any
 
 from unimedvl_jax.aot.hlo_stats import analyze_hlo
 from unimedvl_jax.aot.memory import compile_or_oom, conservative_bytes, state_bytes_per_chip
-from unimedvl_jax.aot.topology import (GIB, RESERVED_GIB, TPU_CHIPS, libtpu_available,
-                                       parse_topology, prepare_env,
-                                       topology_devices)
+from unimedvl_jax.aot.topology import GIB, RESERVED_GIB, TPU_CHIPS, target_config, topology_devices
 from unimedvl_jax.batch import latent_cache_path
 
 def _first_lm_stage(cfg):
@@ -39,21 +37,13 @@ def plan(cfg, topology: str, *, stage: str | None = None, reserved_gib: float = 
   default: such a batch is a ConfigError naming the batch and the mesh, as in training.
   hlo_path: also write the optimized HLO text there.
   """
-  spec = parse_topology(topology)
-  prepare_env(topology)
+  spec, cfg = target_config(cfg, topology)
   import jax
   from unimedvl_jax import batch as batch_lib
   from unimedvl_jax import profiling, sharding
-  from unimedvl_jax.config import stage_train_config, validate
+  from unimedvl_jax.config import stage_train_config
   from unimedvl_jax.train import step as step_lib
 
-  if not libtpu_available():
-    raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
-                       '(pins libtpu==0.0.42.1)')
-  cfg = cfg.copy_and_resolve_references()
-  # the attention is compiled for the target chips, not for this (CPU) process's backend
-  cfg.model.attention_platform = 'tpu'
-  cfg = validate(cfg)
   t0 = time.perf_counter()
   devices = topology_devices(spec)
   chip = TPU_CHIPS[spec.generation]
