@@ -575,7 +575,7 @@ def validate_freeze(freeze, field: str = 'train.freeze', param_paths=None) -> No
 def _param_paths(cfg_model) -> list[str]:
   """The model's '/'-joined parameter paths (built abstractly: seconds, nothing allocated)."""
   from flax import nnx
-  from unimedvl_jax.profiling import abstract_model
+  from unimedvl_jax.model.unimedvl import abstract_model
   state = nnx.state(abstract_model(cfg_model), nnx.Param)
   return ['/'.join(str(x) for x in p) for p, _ in nnx.to_flat_state(state)]
 

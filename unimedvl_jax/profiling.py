@@ -30,7 +30,7 @@ from unimedvl_jax.model.embeddings import Buffer
 # ------------------------------------------------------------------------------ parameter counts
 
 def abstract_model(cfg_model):
-  """The model's variables as ShapeDtypeStructs (nothing allocated): model.unimedvl.abstract_model."""
+  """model.unimedvl.abstract_model (kept here for the callers of profiling.abstract_model)."""
   from unimedvl_jax.model.unimedvl import abstract_model as build
   return build(cfg_model)
 
