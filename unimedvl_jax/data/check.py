@@ -13,21 +13,23 @@ The tokenizer, first found: `--tokenizer PATH` (a SentencePiece `.model`, or a H
 `tokenizer.json` / a directory holding one), config.data.tokenizer_path, a `tokenizer.model` at
 the data root or beside the JSONL, else the embedded dataset's tokenizer (generated once into
 the embedded dataset's cache directory when absent, see data/synthetic/writer.py `ensure_dataset`).
+Without --root the data root is config.data.root, else the JSONL's (`jsonl_root`). These rules
+are data/locate.py's.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
-from unimedvl_jax.data import packing
+from unimedvl_jax.data import locate, packing
 from unimedvl_jax.data.jsonl import (SAMPLE_ERROR_DOCS, SAMPLE_ERROR_REASONS, DataError,
                                      JsonlSource, SampleError, parse_record)
+from unimedvl_jax.data.locate import embedded_tokenizer_path
 from unimedvl_jax.data.plans import Geometry, Specials, task_family, tokenize
 
 _EXAMPLES = 5
@@ -48,48 +50,21 @@ def builtin_config():
   return cfg
 
 
-def tokenizer_kind(path: str) -> str:
-  """'hf' for a tokenizer.json (or a directory holding one), else 'sentencepiece'."""
-  p = os.path.expanduser(path)
-  if p.lower().endswith('.json') or os.path.isfile(os.path.join(p, 'tokenizer.json')):
-    return 'hf'
-  return 'sentencepiece'
-
-
-def embedded_tokenizer_path() -> str:
-  """The embedded synthetic dataset's SentencePiece model (the dataset is generated once, ~20 s,
-  into its default location when absent)."""
-  from unimedvl_jax.data import synthetic
-  root = synthetic.default_root()
-  path = os.path.join(root, 'tokenizer.model')
-  if not os.path.isfile(path):
-    print(f'data check: generating the embedded dataset in {root} for its tokenizer (once)',
-          file=sys.stderr, flush=True)
-    path = os.path.join(synthetic.ensure_dataset(root), 'tokenizer.model')
-  return path
-
-
 def _load_tokenizer(cfg, root: str, files: Sequence[str], tokenizer: str | None,
                     tokenizer_kind_: str | None):
   """(tokenizer, path, notes): the first usable tokenizer in the order of the module docstring."""
   from unimedvl_jax.data import tokenizer as toklib
-  explicit = tokenizer or cfg.data.tokenizer_path
-  if explicit:
-    path = os.path.expanduser(explicit)
-    kind = tokenizer_kind_ or (tokenizer_kind(path) if tokenizer else cfg.data.tokenizer_kind)
-    flag = '--tokenizer' if tokenizer else 'config.data.tokenizer_path'
+  if tokenizer or cfg.data.tokenizer_path:
+    src = locate.tokenizer_source(cfg, root, tokenizer)
+    if tokenizer_kind_:
+      src = src._replace(kind=tokenizer_kind_)
     try:
-      return toklib.load_tokenizer(kind, path), path, []
+      return locate.read_tokenizer(src), src.path, []
     except toklib.TokenizerError as e:
-      raise DataError(f'{flag} {path!r}: {e} (give a SentencePiece .model or an HF '
+      raise DataError(f'{src.where} {src.path!r}: {e} (give a SentencePiece .model or an HF '
                       'tokenizer.json with --tokenizer PATH)') from None
-  cands = [os.path.join(root, 'tokenizer.model')]
-  for f in files:
-    d = os.path.dirname(os.path.abspath(f))
-    cands += [os.path.join(d, 'tokenizer.model'), os.path.join(os.path.dirname(d),
-                                                                'tokenizer.model')]
   notes = []
-  for c in dict.fromkeys(cands):
+  for c in locate.tokenizer_candidates(root, files):
     if os.path.isfile(c):
       try:
         return toklib.load_tokenizer('sentencepiece', c), c, notes
@@ -101,13 +76,6 @@ def _load_tokenizer(cfg, root: str, files: Sequence[str], tokenizer: str | None,
   except toklib.TokenizerError as e:
     raise DataError(f'the embedded tokenizer {path} cannot be loaded ({e}); pass '
                     '--tokenizer PATH (a SentencePiece .model or an HF tokenizer.json)') from None
-
-
-def default_root(files: Sequence[str]) -> str:
-  """Without --root: the directory holding the data, i.e. the JSONL's directory, or its parent
-  when the JSONL sits in a split directory (train/ val/ test/) as in the embedded dataset."""
-  d = os.path.dirname(os.path.abspath(files[0]))
-  return os.path.dirname(d) if os.path.basename(d) in ('train', 'val', 'test') else d
 
 
 def check(files: Sequence[str] | str, root: str | None = None, cfg=None, *,
@@ -126,7 +94,8 @@ def check(files: Sequence[str] | str, root: str | None = None, cfg=None, *,
   files = [files] if isinstance(files, str) else list(files)
   builtin = cfg is None if fit_vocab is None else fit_vocab
   cfg = builtin_config() if cfg is None else cfg
-  root = os.path.abspath(root or cfg.data.root or default_root(files))
+  root = (os.path.abspath(os.path.expanduser(root)) if root else
+          locate.data_root(cfg) if cfg.data.root else locate.jsonl_root(files[0]))
   geom = Geometry.from_config(cfg)
   tok, tok_path, tok_notes = _load_tokenizer(cfg, root, files, tokenizer, tokenizer_kind)
   if builtin:   # the check's own shapes: any tokenizer fits

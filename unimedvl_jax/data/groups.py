@@ -1,8 +1,8 @@
-"""Configuration -> the data root, the tokenizer and the weighted JSONL groups of a stage.
+"""Configuration -> the weighted JSONL groups of a stage.
 
-    data_root(cfg)                    cfg.data.root, or the embedded synthetic dataset
-    load_tokenizer / check_tokenizer  the configured tokenizer, checked against the model vocab
     resolve_groups(cfg, stage, split) [{name, files, weight, mandatory}], CFG dropout
+
+The data root (and the tokenizer) are found by data/locate.py.
 """
 
 from __future__ import annotations
@@ -11,40 +11,7 @@ import glob as globlib
 import os
 
 from unimedvl_jax.data.jsonl import DataError
-
-
-def data_root(cfg) -> str:
-  """The dataset root: cfg.data.root, or the embedded synthetic dataset when empty."""
-  if cfg.data.root:
-    return os.path.abspath(os.path.expanduser(cfg.data.root))
-  from unimedvl_jax.data import synthetic
-  for fn in ('ensure_dataset', 'default_root'):
-    if hasattr(synthetic, fn):
-      return os.path.abspath(getattr(synthetic, fn)())
-  raise DataError('config.data.root is empty and data/synthetic/ offers no default dataset; '
-                  'set --config.data.root=DIR')
-
-
-def load_tokenizer(cfg, root: str | None = None):
-  """The configured tokenizer; checks it fits the model's vocabulary."""
-  from unimedvl_jax.data import tokenizer as toklib
-  root = data_root(cfg) if root is None else root
-  path = cfg.data.tokenizer_path or os.path.join(root, 'tokenizer.model')
-  path = os.path.expanduser(path)
-  if not os.path.exists(path):
-    raise DataError(f'tokenizer file {path!r} not found (config.data.tokenizer_path, or '
-                    'tokenizer.model under the data root)')
-  tok = toklib.load_tokenizer(cfg.data.tokenizer_kind, path)
-  check_tokenizer(tok, cfg)
-  return tok
-
-
-def check_tokenizer(tok, cfg) -> None:
-  v = cfg.model.llm.vocab_size
-  ids = {n: int(getattr(tok, n)) for n in ('im_start', 'im_end', 'vision_start', 'vision_end')}
-  if tok.vocab_size > v or max(ids.values()) >= v:
-    raise DataError(f'tokenizer vocabulary ({tok.vocab_size} ids, specials {ids}) does not fit '
-                    f'config.model.llm.vocab_size = {v}')
+from unimedvl_jax.data.locate import data_root
 
 
 def _expand(paths: str, root: str, split: str, group: str) -> list[str]:

@@ -19,7 +19,8 @@ iterator yields exactly the batches the original would have, and the counters su
 
 The pieces, one job each (their public names are re-exported here):
 
-    groups.py    data_root, load_tokenizer / check_tokenizer, resolve_groups (config -> groups)
+    locate.py    data_root, load_tokenizer / check_tokenizer (where the data and tokenizer are)
+    groups.py    resolve_groups (config -> groups)
     samples.py   SampleProcessor: a JSONL line -> Good(plan items) | Bad(reason), never raising
     packer.py    PackIterDataset / PackIterator (weighted draws, CFG dropout, skips, first-fit
                  packing, state), EpochShuffleRepeat, CounterRng, summarize_stats / state_stats
@@ -40,10 +41,10 @@ from absl import logging
 from unimedvl_jax.batch import latent_cache_path
 from unimedvl_jax.data import latent_cache as latent_cache_lib
 from unimedvl_jax.data import packing
-from unimedvl_jax.data.groups import (check_tokenizer, data_root, load_tokenizer,  # noqa: F401
-                                      resolve_groups)
+from unimedvl_jax.data.groups import resolve_groups
 from unimedvl_jax.data.jsonl import (DataError, JsonlSource, RawLine, Sample,  # noqa: F401
                                      SampleError, iter_records, parse_record)
+from unimedvl_jax.data.locate import check_tokenizer, data_root, load_tokenizer  # noqa: F401
 from unimedvl_jax.data.packer import (CounterRng, EpochShuffleRepeat, PackIterator,  # noqa: F401
                                       PackIterDataset, name_hash, seed_words, state_stats,
                                       summarize_stats)

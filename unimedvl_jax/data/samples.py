@@ -4,10 +4,9 @@
 
 from __future__ import annotations
 
-import os
-
 from unimedvl_jax.batch import latent_cache_path
 from unimedvl_jax.data import latent_cache as latent_cache_lib
+from unimedvl_jax.data import locate
 from unimedvl_jax.data.jsonl import RawLine, SampleError, parse_record
 from unimedvl_jax.data.plans import Geometry, materialize, plan_sample
 
@@ -48,8 +47,7 @@ class SampleProcessor:
   def __init__(self, cfg, group: str, root: str):
     self.group, self.root = group, root
     self.geom = Geometry.from_config(cfg)
-    self.tok_kind = cfg.data.tokenizer_kind
-    self.tok_path = cfg.data.tokenizer_path or os.path.join(root, 'tokenizer.model')
+    self.tok_source = locate.tokenizer_source(cfg, root)   # loaded lazily, in the worker
     self.allow_outside_root = bool(cfg.data.get('allow_outside_root', False))
     self.max_pixels = sample_pixel_cap(cfg)
     self._tok = None
@@ -60,8 +58,7 @@ class SampleProcessor:
   @property
   def tokenizer(self):
     if self._tok is None:
-      from unimedvl_jax.data import tokenizer as toklib
-      self._tok = toklib.load_tokenizer(self.tok_kind, os.path.expanduser(self.tok_path))
+      self._tok = locate.read_tokenizer(self.tok_source)
     return self._tok
 
   def __getstate__(self):

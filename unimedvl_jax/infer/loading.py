@@ -51,20 +51,16 @@ def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: 
 
 
 def load_tokenizer(cfg, path: str | None = None, data_root: str | None = None):
-  """The tokenizer: `path`, else cfg.data.tokenizer_path, else tokenizer.model under
-  `data_root`, else the configured data root (data/pipeline.py). Checks it fits the model."""
-  from unimedvl_jax.data import pipeline
+  """The tokenizer by data/locate.py's rule: `path` (--tokenizer), else
+  config.data.tokenizer_path, else tokenizer.model under `data_root` when it holds one, else
+  under the configured data root. Checks it fits the model."""
+  from unimedvl_jax.data import locate
   from unimedvl_jax.data import tokenizer as toklib
-  cands = [path, cfg.data.get('tokenizer_path') or None,
-           os.path.join(data_root, 'tokenizer.model') if data_root else None]
+  from unimedvl_jax.data.jsonl import DataError
+  if data_root and not os.path.isfile(os.path.join(os.path.expanduser(data_root),
+                                                   locate.TOKENIZER_FILE)):
+    data_root = None
   try:
-    for p in cands:
-      if p and (p == path or os.path.exists(p)):
-        p = os.path.expanduser(p)
-        kind = 'hf' if p.endswith('.json') else cfg.data.tokenizer_kind
-        tok = toklib.load_tokenizer(kind, p)
-        pipeline.check_tokenizer(tok, cfg)
-        return tok
-    return pipeline.load_tokenizer(cfg)
-  except (toklib.TokenizerError, pipeline.DataError, OSError) as e:
+    return locate.load_tokenizer(cfg, data_root, path)
+  except (toklib.TokenizerError, DataError, OSError) as e:
     raise LoadError(f'tokenizer: {e}') from None

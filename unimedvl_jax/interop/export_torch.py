@@ -34,6 +34,7 @@ import shutil
 
 import numpy as np
 
+from unimedvl_jax.data.locate import checkpoint_tokenizer_dir
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.import_torch import (ADAPTERS_FILE, SIDECAR_CONFIG, TOKENIZER_FILES,
                                                VAE_FILE_NAME, VAE_META_PREFIX, VAE_SETTINGS,
@@ -428,16 +429,6 @@ def export_hf_causal_lm(cfg, model_or_state, out_dir: str, *, dtype=None,
 
 # ------------------------------------------------------------------------------------ the CLI
 
-def find_tokenizer_dir(checkpoint: str) -> str | None:
-  cands = [os.path.join(checkpoint, 'tokenizer')]
-  if os.path.basename(os.path.normpath(checkpoint)) == 'checkpoints':
-    cands.append(os.path.join(os.path.dirname(os.path.normpath(checkpoint)), 'tokenizer'))
-  for c in cands:
-    if os.path.isdir(c):
-      return c
-  return None
-
-
 def find_adapters_file(checkpoint: str) -> str | None:
   """generation_adapters.safetensors of a VAE-less import (beside its checkpoints/ folder)."""
   c = os.path.normpath(checkpoint)
@@ -469,7 +460,7 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype=None, use_ema: bool = 
   if merged:
     lora.merge(model)
     cfg = lora.merged_config(cfg)
-  tok = tokenizer_dir or find_tokenizer_dir(checkpoint)
+  tok = tokenizer_dir or checkpoint_tokenizer_dir(checkpoint)
   adapters = None
   path = find_adapters_file(checkpoint) if not cfg.model.vae.enabled else None
   if path is not None:

@@ -26,6 +26,7 @@ import numpy as np
 from unimedvl_jax import batch as batch_lib
 from unimedvl_jax import profiling, sharding
 from unimedvl_jax.config import stage_plan, stage_train_config, validate
+from unimedvl_jax.data.locate import data_root
 from unimedvl_jax.train import step as step_lib
 from unimedvl_jax.train.checkpoint import Checkpointer, CheckpointError, config_to_json
 from unimedvl_jax.train.workdir import WorkdirLock
@@ -209,19 +210,6 @@ def stage_latent_cache(cfg, kind: str, workdir: str, graphdef, state, *, quiet=F
   return path
 
 
-def prepare_data_root(cfg, workdir: str) -> str:
-  """cfg.data.root, or the embedded synthetic dataset generated (once) under workdir/data."""
-  if cfg.data.root:
-    return cfg.data.root
-  root = os.path.join(workdir, 'data')
-  if not os.path.exists(os.path.join(root, 'manifest.json')):
-    from unimedvl_jax.data import synthetic
-    size = int(cfg.data.vae_max_size)
-    print(f'generating the embedded dataset in {root} ({size}px) ...', flush=True)
-    synthetic.ensure_dataset(root, seed=0, size=size)
-  return root
-
-
 def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = False) -> dict:
   """Runs (or resumes) the configured training. Returns a summary dict. Holds the workdir lock
   (train/workdir.py) throughout: a second run on the same workdir fails at once."""
@@ -234,7 +222,7 @@ def train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fals
 def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
   cfg = cfg.copy_and_resolve_references()
-  cfg.data.root = prepare_data_root(cfg, workdir)
+  cfg.data.root = data_root(cfg, workdir)   # empty: the embedded dataset under workdir/data
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config_to_json(cfg), f, indent=1)
 
