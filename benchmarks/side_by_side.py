@@ -292,7 +292,7 @@ def compiled_flops(cfg, batch, tc, mesh, spec) -> dict:
       v = m.vit
       itv = bx.chunk_flops(B, vseg.shape[1], v.num_heads, v.num_heads,
                            v.hidden_size // v.num_heads)
-      trains_vit = 'vit' not in tuple(tc.freeze)
+      trains_vit = not profiling.vit_frozen(m, tc.freeze)
       extra += v.num_layers * (n_vit - 1) * (itv['fwd'] + (itv['bwd'] if trains_vit else 0.0))
       out['attention_chunks']['vit'] = n_vit
   out['loop_iterations_flops'] = extra

@@ -9,7 +9,8 @@ FLOPs convention (documented once, used by every benchmark and by `inspect`):
   causal text is counted about halved and invisible noised images not at all; when the pairs are
   unknown (planning) a causal sequence is assumed (T*(T+1)/2 pairs);
 - training = forward + backward = 3x forward for trainable parts; frozen towers (VAE always, ViT
-  when frozen) count their forward only; rematerialisation is NOT counted (MFU, not HFU).
+  when train.freeze freezes every one of its parameters, `vit_frozen`) count their forward only;
+  rematerialisation is NOT counted (MFU, not HFU).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
                          vae_images=None, batch=None) -> dict[str, float]:
   """Analytic training FLOPs of one step: the USEFUL work only (see module doc).
 
+  frozen: train.freeze entries (regexes over parameter paths / config.FREEZE_ALIASES names;
+    None -> cfg.train.freeze); the ViT counts as frozen when they freeze all of it (`vit_frozen`).
   batch: a packed (numpy) batch; its exact work (`batch_work`) fills the arguments below.
   attn_pairs: allowed (query, key) pairs summed over the batch (None -> causal over T).
   vit_pairs: allowed ViT pairs summed over the batch (None -> P^2 / 4, i.e. ~4 images per pack).
@@ -192,7 +195,7 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
                                                              2 * v.hidden_size * v.intermediate_size))
     vit += 4.0 * v.hidden_size * vp * v.num_layers
     conn = 2.0 * B * P * (v.hidden_size * H + H * H)
-    if 'vit' in frozen:
+    if vit_frozen(m, frozen):
       out['vit_frozen_fwd'] = vit
     else:
       fwd['vit'] = vit
@@ -208,6 +211,20 @@ def model_flops_per_step(cfg, *, attn_pairs: float | None = None, vit_pairs: flo
   out['train'] = 3.0 * sum(fwd.values()) + out.get('vit_frozen_fwd', 0.0) + out.get('vae_frozen_fwd', 0.0)
   out.update({f'fwd_{k}': val for k, val in fwd.items()})
   return out
+
+
+def vit_frozen(cfg_model, freeze) -> bool:
+  """Whether `freeze` (train.freeze: regexes over parameter paths or config.FREEZE_ALIASES names,
+  resolved by train/step.py `is_frozen`) freezes the whole ViT, i.e. matches every one of its
+  parameter paths (the ViT is built abstractly, alone: ~0.1 s). False without a ViT."""
+  from unimedvl_jax.model.vit import SiglipViT
+  from unimedvl_jax.train.step import is_frozen
+  freeze = tuple(freeze)
+  if not cfg_model.vit.enabled or not freeze:
+    return False
+  vit = nnx.eval_shape(lambda: SiglipViT(cfg_model, rngs=nnx.Rngs(0)))
+  paths = [('vit',) + tuple(p) for p, _ in nnx.to_flat_state(nnx.state(vit, nnx.Param))]
+  return all(is_frozen(p, freeze) for p in paths)   # 'vit': UniMedVL's attribute of the tower
 
 
 def expert_layer_flops(cfg, tokens: int) -> float:
