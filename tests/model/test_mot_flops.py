@@ -1,7 +1,14 @@
 """MoT routing does not double FLOPs: XLA's cost analysis of ONE compiled decoder layer equals one
 expert per token (DESIGN.md, "MoT routing"); a dense both-experts layer, the negative control,
 comes out at about 2x. FLOPs of a compiled program are deterministic, so this is a valid test
-(no timings). benchmarks/bench_mot_flops.py prints the same numbers for any config."""
+(no timings). benchmarks/bench_mot_flops.py prints the same numbers for any config.
+
+The 'streams' layer attends with an elementwise stand-in (the projections and MLPs alone); the
+'permuted' and 'gathered' layers run the model's own attention (`packed_attend`, as
+UniMedVL.forward builds it) on permuted streams: the dense XLA attention on the permuted order
+('xla') and a sequence-order backend with its gathers into sequence order and back ('cudnn',
+XLA's dot_product_attention off GPU), counted as the expert layers plus the dense attention's
+closed form."""
 
 import os
 
@@ -14,7 +21,8 @@ from unimedvl_jax import profiling
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.layers import rope_cos_sin
-from unimedvl_jax.model.unimedvl import _take_rows, inverse_permutation
+from unimedvl_jax.batch import MODE_CAUSAL
+from unimedvl_jax.model.unimedvl import _take_rows, inverse_permutation, packed_attend
 
 CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 B, U, L = 2, 96, 32
@@ -41,6 +49,20 @@ def setup():
   return cfg, graphdef, params, (x_u, x_g, perm, pos), rope, expected
 
 
+def _dense_attention_flops(cfg) -> float:
+  """Closed form of one layer's dense attention: QK^T and PV (2 * 2 * D FLOPs) for every (query
+  head, key) pair of the [B, T, T] score matrix (a dense backend computes the masked pairs too)."""
+  llm = cfg.model.llm
+  return 4.0 * llm.head_dim * llm.num_heads * B * (U + L) ** 2
+
+
+def _meta():
+  """Packed metadata [B, T] in sequence order: one causal text segment per pack."""
+  T = U + L
+  return (jnp.ones((B, T), jnp.int32), jnp.zeros((B, T), jnp.int32),
+          jnp.full((B, T), MODE_CAUSAL, jnp.int32))
+
+
 def _flops(fn, *args) -> float:
   return profiling.compiled_cost(jax.jit(fn).lower(*args).compile())['flops']
 
@@ -53,20 +75,19 @@ def test_mot_layer_flops_are_one_expert_per_token(setup):
     h_u, h_g, _ = nnx.merge(graphdef, params)(x_u, x_g, rope(pos[:, :U]), rope(pos[:, U:]), attend)
     return h_u, h_g
 
-  def permuted(params, x_u, x_g, perm, pos):
-    # the model's packed_attend data movement: gathers into sequence order and back
-    inv = inverse_permutation(perm)
+  def real_attention(impl):
+    def layer(params, x_u, x_g, perm, pos, meta):
+      attend = packed_attend(perm, inverse_permutation(perm), meta, U, impl, platform='cpu')
+      h_u, h_g, _ = nnx.merge(graphdef, params)(
+          x_u, x_g, rope(_take_rows(pos, perm[:, :U])), rope(_take_rows(pos, perm[:, U:])), attend)
+      return h_u, h_g
+    return layer
 
-    def attend(qu, qg, extra):
-      q, k, v = (_take_rows(jnp.concatenate([a, b], axis=1), inv) for a, b in zip(qu, qg))
-      o = _take_rows(_cheap(q, k, v), perm)
-      return (o[:, :U], o[:, U:]), extra
-    h_u, h_g, _ = nnx.merge(graphdef, params)(
-        x_u, x_g, rope(_take_rows(pos, perm[:, :U])), rope(_take_rows(pos, perm[:, U:])), attend)
-    return h_u, h_g
-
-  for name, fn in (('streams', streams), ('permuted', permuted)):
-    ratio = _flops(fn, params, *args) / expected
+  with_attention = expected + cfg.model.llm.num_layers * _dense_attention_flops(cfg)
+  for name, fn, want, extra in (('streams', streams, expected, ()),
+                                ('permuted', real_attention('xla'), with_attention, (_meta(),)),
+                                ('gathered', real_attention('cudnn'), with_attention, (_meta(),))):
+    ratio = _flops(fn, params, *args, *extra) / want
     assert abs(ratio - 1.0) <= 0.05, f'{name}: compiled / one-expert FLOPs = {ratio:.4f}'
 
 
