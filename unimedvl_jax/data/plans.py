@@ -2,7 +2,9 @@
 
 Three steps, each testable on its own:
 
-1. `plan_sample(sample) -> [PlanItem]`: the task-family plan, no I/O.
+1. `plan_sample(sample) -> [PlanItem]`: the task-family plan, no I/O (`family_plan`, built from
+   the conversation template `turn_items`; inference writes its prompts with the same functions:
+   `prompt_plan(family, text, images)` = the plan of that human turn, with no loss item).
    - understanding (VQA / report / caption, and text-only): every turn in order; a human turn is
      split at `<image>` with the next input image (ViT) at each placeholder; gpt turns carry loss.
      Without placeholders the input images go before the first human text.
@@ -16,7 +18,9 @@ Three steps, each testable on its own:
      VAE + ViT, instruction), the noised VAE target(s), THEN the gpt explanation (loss): it sits
      after the target but cannot see it (noise mode hides a noised image from every other split).
 2. `materialize(items, tokenizer, geom)`: encodes text, loads, resizes and patchifies images.
-3. `tokenize(items, specials, geom, rng, dropout)`: CFG dropout and the token arrays:
+3. `tokenize(items, specials, geom, rng, dropout)`: CFG dropout and the token arrays, built on
+   `lay_out` (each kept item's `item_tokens` at the running counter), which inference prefills
+   prompts from (infer/blocks.py `BlockBuilder.layout`):
    text = <|im_start|> ids <|im_end|>; with loss the labels are ids + <|im_end|> at the positions
    of <|im_start|> + ids (the <|im_end|> position has no label). ViT / VAE image =
    <|vision_start|> tokens <|vision_end|>, all at ONE position; the counter then advances by 1,
@@ -35,7 +39,7 @@ import numpy as np
 from unimedvl_jax import batch as batch_lib
 from unimedvl_jax.batch import MODE_CAUSAL, MODE_FULL, MODE_NOISE
 from unimedvl_jax.batch import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT
-from unimedvl_jax.data.jsonl import ImageRef, Sample, SampleError
+from unimedvl_jax.data.jsonl import ImageRef, Sample, SampleError, Turn
 
 IMAGE_PLACEHOLDER = '<image>'
 FAMILIES = ('understanding', 'text_to_image', 'editing', 'counterfactual')
@@ -72,7 +76,8 @@ class PlanItem:
   enable_cfg: bool = False
   noised: bool = False               # vae only: a noised generation target
   text: str = ''                     # text: the string (before materialize)
-  image: ImageRef | None = None      # vit / vae: the source image
+  image: Any = None                  # vit / vae: the source image (an ImageRef; at
+                                     # inference an in-memory uint8 [H, W, 3] array)
   ids: Any = None                    # text, after materialize: int ids (no specials)
   patches: Any = None                # vit, after materialize: uint8 [nh*nw, K] raw pixels
   grid: tuple[int, int] = (0, 0)     # vit: (nh, nw) patches; vae: (gh, gw) latent tokens
@@ -98,17 +103,19 @@ def _text(s: str, **kw) -> PlanItem | None:
   return PlanItem('text', text=s, **kw) if s else None
 
 
-def _turn_items(sample: Sample, turns, image_items, human_cfg: bool) -> list[PlanItem]:
-  """Turns in order: a human turn is split at <image>, with `image_items(ref)` (the next input
-  image) at each placeholder; its text pieces get enable_cfg=human_cfg. A gpt turn is one text
-  item with loss. Without any placeholder the input images go before the first human turn."""
+def turn_items(turns, images, image_items, human_cfg: bool) -> list[PlanItem]:
+  """The conversation template (training and inference): turns in order; a human turn is split
+  at <image>, with `image_items(image)` (the next input image) at each placeholder; its text
+  pieces get enable_cfg=human_cfg. A gpt turn is one text item with loss. Without any
+  placeholder the input images go before the first human turn. `images`: the input images
+  (ImageRefs in training, in-memory uint8 arrays at inference); image_items None: no image items
+  (a stray <image> is dropped). Raises ValueError when placeholders and images disagree."""
   n_ph = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns if t.role == 'human')
-  imgs = list(sample.input_img) if image_items is not None else []
+  imgs = list(images) if image_items is not None else []
   n_ph = n_ph if image_items is not None else 0
   if n_ph and n_ph != len(imgs):
-    raise SampleError('missing_fields', sample.file, sample.line,
-                      f'message has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but input_img has '
-                      f'{len(imgs)} image(s)')
+    raise ValueError(f'message has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but input_img has '
+                     f'{len(imgs)} image(s)')
   out: list[PlanItem] = []
   lead = imgs if not n_ph else []
   for t in turns:
@@ -132,28 +139,58 @@ def _turn_items(sample: Sample, turns, image_items, human_cfg: bool) -> list[Pla
   return out
 
 
+def _understanding_image(ref) -> list[PlanItem]:
+  return [PlanItem('vit', image=ref)]
+
+
+def _condition_image(ref) -> list[PlanItem]:
+  """An editing input image: a clean VAE item, then a ViT item (both enable_cfg)."""
+  return [PlanItem('vae', image=ref, enable_cfg=True), PlanItem('vit', image=ref, enable_cfg=True)]
+
+
+def family_plan(family: str, turns, input_img=(), output_img=()) -> list[PlanItem]:
+  """The items of a task family's plan (module doc, step 1) from its turns, input images and
+  output images (ImageRefs in training; at inference the prompt: human turns, in-memory input
+  images, no output image). Raises ValueError (placeholders and images disagree)."""
+  targets = [PlanItem('vae', image=ref, noised=True, loss=True) for ref in output_img]
+  if family == 'understanding':
+    return turn_items(turns, input_img, _understanding_image, human_cfg=False)
+  if family == 'text_to_image':   # no input image: a stray <image> in the prompt is dropped
+    return turn_items(turns, (), None, human_cfg=True) + targets
+  if family == 'editing':
+    return turn_items(turns, input_img, _condition_image, human_cfg=True) + targets
+  if family == 'counterfactual':   # the explanation follows the target and cannot see it
+    human = [t for t in turns if t.role == 'human']
+    gpt = [t for t in turns if t.role == 'gpt']
+    return (turn_items(human, input_img, _condition_image, human_cfg=True) + targets
+            + turn_items(gpt, (), None, human_cfg=False))
+  raise ValueError(f'unknown task family {family!r} (one of {FAMILIES})')
+
+
+def prompt_plan(family: str, text: str, images=()) -> list[PlanItem]:
+  """An inference prompt as plan items: one human turn `text` (split at <image>, the images
+  first without a placeholder) with its input images, laid out by the family's training
+  template: the training plan of the same sample truncated before its first loss item."""
+  return family_plan(family, [Turn('human', text)], images)
+
+
 def plan_sample(sample: Sample) -> list[PlanItem]:
   """The item list of one sample (SPEC section 6 "Task plans"). Raises SampleError."""
   fam = task_family(sample)
-  turns = sample.message
-  targets = [PlanItem('vae', image=ref, noised=True, loss=True) for ref in sample.output_img]
-  cond = lambda ref: [PlanItem('vae', image=ref, enable_cfg=True),
-                      PlanItem('vit', image=ref, enable_cfg=True)]
-  if fam == 'understanding':
-    out = _turn_items(sample, turns, lambda ref: [PlanItem('vit', image=ref)], human_cfg=False)
-  elif fam == 'text_to_image':   # no input image: a stray <image> in the prompt is dropped
-    out = _turn_items(sample, turns, None, human_cfg=True) + targets
-  elif fam == 'editing':
-    out = _turn_items(sample, turns, cond, human_cfg=True) + targets
-  else:   # counterfactual: the explanation follows the target and cannot see it
-    human = [t for t in turns if t.role == 'human']
-    gpt = [t for t in turns if t.role == 'gpt']
-    out = (_turn_items(sample, human, cond, human_cfg=True) + targets
-           + _turn_items(sample, gpt, None, human_cfg=False))
+  try:
+    out = family_plan(fam, sample.message, sample.input_img, sample.output_img)
+  except ValueError as e:
+    raise SampleError('missing_fields', sample.file, sample.line, str(e)) from None
   if not any(it.loss for it in out):
     raise SampleError('missing_fields', sample.file, sample.line,
                       f'{fam} sample has nothing to learn: no gpt text and no output image')
   return out
+
+
+def prompt_items(items: Sequence[PlanItem]) -> list[PlanItem]:
+  """The items of a plan before its first loss item: what an inference prompt holds."""
+  first = next((i for i, it in enumerate(items) if it.loss), len(items))
+  return list(items[:first])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,17 +403,29 @@ def item_tokens(kind: str, specials: Specials, counter: int = 0, *, ids=None, gr
   raise ValueError(f'unknown item kind {kind!r}')
 
 
-def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
-             rng: np.random.Generator | None = None, dropout=(0.0, 0.0, 0.0),
-             loc: str = '', group: str = '') -> TokenSample:
-  """Token arrays of one sample (SPEC section 3): each kept item's `item_tokens`, its split the
-  item's index. `dropout` = (p_text, p_vit, p_vae): an item with enable_cfg is dropped with that
-  probability, one rng.random() draw per such item."""
+class Segment(NamedTuple):
+  """One kept item of a laid-out plan: its tokens, where they sit in the sample."""
+  index: int                 # the item's index in the plan
+  start: int                 # offset of its first token in the sample
+  tokens: ItemTokens         # positions counted from the sample's start (0)
+
+
+class Layout(NamedTuple):
+  """A plan's token layout (`lay_out`): the kept items' tokens, one split each, in order."""
+  segments: list
+  end: int                   # the position counter after the last item (the next one's start)
+
+
+def lay_out(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
+            rng: np.random.Generator | None = None, dropout=(0.0, 0.0, 0.0)) -> Layout:
+  """The token layout of a plan: each kept item's `item_tokens` at the running position counter
+  (`dropout` = (p_text, p_vit, p_vae): an item with enable_cfg is dropped with that probability,
+  one rng.random() draw per such item; a dropped image still advances the counter). Training's
+  `tokenize` and inference's prompts (infer/runner.py, BlockBuilder.layout) both build on it."""
   p_text, p_vit, p_vae = dropout
-  segs = []   # ItemTokens per kept item
-  vit, vae = [], []
+  segs = []
   counter, n = 0, 0
-  for it in items:
+  for i, it in enumerate(items):
     p_drop = {'text': p_text, 'vit': p_vit, 'vae': p_vae}[it.kind]
     if it.enable_cfg and p_drop > 0 and rng is not None and rng.random() < p_drop:
       if it.kind != 'text':
@@ -385,6 +434,21 @@ def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
     pos_grid = geom.vit_grid if it.kind == 'vit' else geom.max_latent_size
     seg = item_tokens(it.kind, specials, counter, ids=it.ids, grid=it.grid, noised=it.noised,
                       loss=it.loss, pos_grid=pos_grid)
+    segs.append(Segment(i, n, seg))
+    counter += seg.advance
+    n += seg.ids.size
+  return Layout(segs, counter)
+
+
+def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
+             rng: np.random.Generator | None = None, dropout=(0.0, 0.0, 0.0),
+             loc: str = '', group: str = '') -> TokenSample:
+  """Token arrays of one sample (SPEC section 3): the plan's `lay_out` (each kept item's
+  `item_tokens`, its split the item's index among the kept ones) with its image payloads."""
+  segs = lay_out(items, specials, geom, rng, dropout).segments
+  vit, vae = [], []
+  for i, n, seg in segs:
+    it = items[i]
     if it.kind in ('vit', 'vae'):
       gh, gw = it.grid
       k = gh * gw
@@ -395,15 +459,13 @@ def tokenize(items: Sequence[PlanItem], specials: Specials, geom: Geometry,
         size = (gh * geom.latent_px, gw * geom.latent_px)
         vae.append(VaeEntry(None if it.pixels is None else np.asarray(it.pixels, np.uint8),
                             it.moments, bool(it.noised), offs, seg.pos_ids, size))
-    segs.append(seg)
-    counter += seg.advance
-    n += seg.ids.size
   if not segs:
     z = np.zeros(0, np.int32)
     return TokenSample(z, z, z, z, z, z, np.zeros(0, np.float32), [], [], loc, group)
-  cat = lambda f: np.concatenate([getattr(sg, f) for sg in segs])
-  split = np.concatenate([np.full(sg.ids.size, i, np.int32) for i, sg in enumerate(segs)])
-  modes = np.concatenate([np.full(sg.ids.size, sg.mode, np.int32) for sg in segs])
+  toks = [sg.tokens for sg in segs]
+  cat = lambda f: np.concatenate([getattr(t, f) for t in toks])
+  split = np.concatenate([np.full(t.ids.size, j, np.int32) for j, t in enumerate(toks)])
+  modes = np.concatenate([np.full(t.ids.size, t.mode, np.int32) for t in toks])
   return TokenSample(cat('ids'), split, modes, cat('positions'), cat('token_type'),
                      cat('label_ids'), cat('loss_mask'), vit, vae, loc, group)
 

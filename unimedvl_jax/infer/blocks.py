@@ -3,8 +3,9 @@
 A `Block` holds the new tokens of every row as static-size arrays; `BlockBuilder` assembles
 one from items appended per row, each item's tokens laid out by `data.plans.item_tokens`, the
 same function training's `plans.tokenize` uses (markers, one shared position per image, the
-split counter). Shapes are bucketed to powers of two so a handful of compilations serve every
-prompt.
+split counter). A prompt comes in as a whole plan layout (`BlockBuilder.layout` of
+`data.plans.lay_out`, the function `tokenize` is built from; infer/runner.py). Shapes are
+bucketed to powers of two so a handful of compilations serve every prompt.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class BlockBuilder:
       b.text(row, ids)                      # <|im_start|> ids <|im_end|>, causal, consecutive pos
       b.vae_image(row, tokens, (gh, gw))    # <|vision_start|> latents(t=0) <|vision_end|>, full
       b.vit_image(row, patches, (nh, nw))   # <|vision_start|> ViT tokens <|vision_end|>, full
+      b.layout(row, items, plans.lay_out(items, ...), payloads)   # a laid-out plan (prompts)
       block = b.build()
   """
 
@@ -136,9 +138,7 @@ class BlockBuilder:
     row = self._check_row(r)
     return self._item(r, plans.item_tokens('text', self.sp, row.pos_adv, ids=ids))
 
-  def vae_image(self, r: int, tokens, grid, *, t: float = 0.0, noised: bool = False):
-    """A VAE image item: latent tokens [gh*gw, 64] of a (gh, gw) grid, at timestep t (0: a clean
-    condition, full; noised: the target being generated, see noise_image)."""
+  def _check_vae(self, tokens, grid) -> np.ndarray:
     gh, gw = grid
     tokens = np.asarray(tokens, np.float32)
     if tokens.shape != (gh * gw, self.latent_dim):
@@ -147,18 +147,9 @@ class BlockBuilder:
     if gh > self.latent_grid or gw > self.latent_grid:
       raise ContextError(f'a {gh}x{gw} latent grid exceeds model.max_latent_size '
                          f'({self.latent_grid}): image too large')
-    row = self._check_row(r)
-    tok = plans.item_tokens('vae', self.sp, row.pos_adv, grid=(gh, gw), noised=noised,
-                            pos_grid=self.latent_grid)
-    row.lat.append((tokens, np.full((gh * gw,), t, np.float32), tok.pos_ids))
-    return self._item(r, tok)
+    return tokens
 
-  def noise_image(self, r: int, x, grid, t: float = 1.0):
-    """The noised target being generated: mode noise, at the current position, no advance."""
-    return self.vae_image(r, x, grid, t=t, noised=True)
-
-  def vit_image(self, r: int, patches, grid):
-    """A ViT image item: patches [nh*nw, K] ((row, col, channel) flattening) of a (nh, nw) grid."""
+  def _check_vit(self, patches, grid) -> np.ndarray:
     nh, nw = grid
     patches = np.asarray(patches, np.float32)
     if patches.ndim != 2 or patches.shape[0] != nh * nw:
@@ -168,10 +159,70 @@ class BlockBuilder:
                          f'({self.vit_grid}): image too large')
     if self.vit_dim and patches.shape[1] != self.vit_dim:
       raise ContextError(f'ViT patch width {patches.shape[1]}, expected {self.vit_dim}')
+    return patches
+
+  def vae_image(self, r: int, tokens, grid, *, t: float = 0.0, noised: bool = False):
+    """A VAE image item: latent tokens [gh*gw, 64] of a (gh, gw) grid, at timestep t (0: a clean
+    condition, full; noised: the target being generated, see noise_image)."""
+    tokens = self._check_vae(tokens, grid)
     row = self._check_row(r)
-    tok = plans.item_tokens('vit', self.sp, row.pos_adv, grid=(nh, nw), pos_grid=self.vit_grid)
+    tok = plans.item_tokens('vae', self.sp, row.pos_adv, grid=tuple(grid), noised=noised,
+                            pos_grid=self.latent_grid)
+    row.lat.append((tokens, np.full((tokens.shape[0],), t, np.float32), tok.pos_ids))
+    return self._item(r, tok)
+
+  def noise_image(self, r: int, x, grid, t: float = 1.0):
+    """The noised target being generated: mode noise, at the current position, no advance."""
+    return self.vae_image(r, x, grid, t=t, noised=True)
+
+  def vit_image(self, r: int, patches, grid):
+    """A ViT image item: patches [nh*nw, K] ((row, col, channel) flattening) of a (nh, nw) grid."""
+    patches = self._check_vit(patches, grid)
+    row = self._check_row(r)
+    tok = plans.item_tokens('vit', self.sp, row.pos_adv, grid=tuple(grid), pos_grid=self.vit_grid)
     row.vit.append((patches, tok.pos_ids))
     return self._item(r, tok)
+
+  def layout(self, r: int, items, lay: plans.Layout, payloads, start: int = 0,
+             stop: int | None = None):
+    """Appends the segments [start:stop] of `lay` = `data.plans.lay_out(items, ...)` (the layout
+    training's `tokenize` is built from) to row r: each item's ids, token kinds, mode and
+    positions exactly as laid out, the positions shifted to the row's counter, one split each.
+    payloads[i]: the data of items[i]: ViT patches [k, K] (float, [-1, 1]) or clean VAE latent
+    tokens [k, D] (a prompt holds no noised target); None for text."""
+    row = self._check_row(r)
+    segs = lay.segments[start:stop]
+    if not segs:
+      return self
+    after = start + len(segs)
+    base = int(segs[0].tokens.positions[0])   # an item's first token sits at the counter before it
+    end = lay.end if after >= len(lay.segments) else int(lay.segments[after].tokens.positions[0])
+    pos0 = row.pos_adv
+    for i, _, tok in segs:
+      it = items[i]
+      if it.kind != 'text':
+        stride = self.vit_grid if it.kind == 'vit' else self.latent_grid
+        if not np.array_equal(tok.pos_ids, plans.grid_pos_ids(*it.grid, stride)):
+          raise ContextError(f'the layout of a {it.kind} item was made with another position '
+                             f'grid than the model\'s ({stride})')
+      if it.kind == 'vit':
+        row.vit.append((self._check_vit(payloads[i], it.grid), tok.pos_ids))
+      elif it.kind == 'vae':
+        if it.noised:
+          raise ContextError('a prompt holds no noised VAE item (the target is generated)')
+        lat = self._check_vae(payloads[i], it.grid)
+        row.lat.append((lat, np.zeros((lat.shape[0],), np.float32), tok.pos_ids))
+      self._item(r, tok._replace(positions=tok.positions - base + pos0))
+    row.pos_adv = pos0 + end - base
+    return self
+
+  def tokens(self, r: int) -> dict:
+    """Row r's tokens so far, in sequence order, as the TokenSample fields of training's
+    `plans.tokenize` (positions and split ids relative to the row's start)."""
+    row = self._check_row(r)
+    arr = lambda x: np.asarray(x, np.int32)
+    return dict(input_ids=arr(row.ids), token_type=arr(row.kind), positions=arr(row.pos),
+                split=arr(row.split), modes=arr(row.mode))
 
   def counts(self):
     nU = max((sum(k != TOKEN_VAE for k in r.kind) for r in self.rows), default=0)

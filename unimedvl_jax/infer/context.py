@@ -7,7 +7,8 @@ The pieces, one job each (every public name is re-exported here, the module call
     prepared.py   prepare / Prepared (the model split once, per-layer decoder modules,
                   optionally placed on a mesh), merge, backend_jit
     blocks.py     Block (new tokens, bucketed static shapes), BlockBuilder (items laid out by
-                  data.plans.item_tokens, as training's tokenize does), make_builder, vit_patches
+                  data.plans.item_tokens, prompts by data.plans.lay_out, as training's tokenize
+                  does), make_builder, vit_patches
     context.py    (this file) the forward of a block over a context: `block_masks` from the one
                   `allowed` rule (batch.py), `cached_attention`, `forward_block`; the jitted
                   `prefill` / `run_block`; add_text, add_image, encode_vae_tokens

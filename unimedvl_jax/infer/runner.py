@@ -1,12 +1,17 @@
 """Batched "programs": prompt items + generation steps, run over KV-cache contexts.
 
-A `Program` is one request: the prompt (items in context order, like a training plan's items
-before its first loss item) and the steps to generate (the plan's loss items, in order):
+A `Program` is one request: the prompt (items in context order: a training plan's items before
+its first loss item) and the steps to generate (the plan's loss items, in order):
 
     Program(prompt=[Item.vit(...), Item.text(ids)], steps=['text'])              # VQA / report
     Program(prompt=[Item.text(ids)], steps=[('image', (gh, gw))])               # text-to-image
     Program(prompt=[Item.vae(...), Item.vit(...), Item.text(ids)],
             steps=[('image', (gh, gw)), 'text'])                                # counterfactual
+
+Prompts are written as plan items by the training template (`data.plans.prompt_plan`; tasks.py)
+and turned into Items by `Runner.prompt` (text encoded, images resized by the training rules).
+`run_programs` lays each prompt out with `data.plans.lay_out` -- the layout training's
+`tokenize` is built from -- and prefills it through `BlockBuilder.layout` (`prompt_builders`).
 
 `run_programs(runner, programs, ...)` prefills the contexts of a batch of programs (ragged rows)
 and runs the steps together (the programs of one call must have the same step kinds):
@@ -27,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from unimedvl_jax.batch import Geometry
+from unimedvl_jax.data import plans
 from unimedvl_jax.infer import context as C
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
@@ -49,6 +55,17 @@ class Item:
   @property
   def n_tokens(self) -> int:
     return len(self.ids) + 2 if self.kind == 'text' else self.grid[0] * self.grid[1] + 2
+
+  def plan_item(self) -> plans.PlanItem:
+    """This item as a (materialized) prompt plan item, for `plans.lay_out`."""
+    if self.kind not in ('text', 'vit', 'vae'):
+      raise ValueError(f'unknown item kind {self.kind!r}')
+    return plans.PlanItem(self.kind, ids=self.ids, grid=tuple(self.grid))
+
+  @property
+  def payload(self):
+    """What `BlockBuilder.layout` embeds: ViT patches, clean VAE latent tokens (None: text)."""
+    return {'text': None, 'vit': self.patches, 'vae': self.tokens}[self.kind]
 
 
 @dataclasses.dataclass
@@ -80,12 +97,30 @@ class Runner:
     self.cfg = cfg
     self.specials = C.Specials.from_tokenizer(tokenizer)
     geom = Geometry.from_config(cfg)    # the training resize rules, read from the same place
+    self.geom = geom
     self.vit_patch = int(geom.vit_patch)
     self.latent_px = int(geom.latent_px)
     self.vit_rule = geom.vit_rule
     self.vae_rule = geom.vae_rule
 
   # ----------------------------------------------------------------------------- items
+  def prompt(self, plan: Sequence[plans.PlanItem]) -> list[Item]:
+    """Prompt plan items (`plans.prompt_plan`; images: uint8 [H, W, 3] arrays) -> Items: text
+    encoded, ViT / VAE images preprocessed by the training resize rules (vit / vae below)."""
+    out = []
+    for it in plan:
+      if it.loss or it.noised:
+        raise ValueError(f'a prompt holds no loss item and no noised target, got {it.describe()}')
+      if it.kind == 'text':
+        out.append(self.text(it.text))
+      elif it.kind == 'vit':
+        out.append(self.vit(it.image))
+      elif it.kind == 'vae':
+        out.append(self.vae(it.image))
+      else:
+        raise ValueError(f'unknown item kind {it.kind!r}')
+    return out
+
   def text(self, s: str) -> Item:
     return Item.text(self.tok.encode(s))
 
@@ -154,15 +189,10 @@ def _as_uint8_rgb(img) -> np.ndarray:
   return a
 
 
-def _add_item(b: C.BlockBuilder, r: int, it: Item):
-  if it.kind == 'text':
-    b.text(r, it.ids)
-  elif it.kind == 'vit':
-    b.vit_image(r, it.patches, it.grid)
-  elif it.kind == 'vae':
-    b.vae_image(r, it.tokens, it.grid)
-  else:
-    raise ValueError(f'unknown item kind {it.kind!r}')
+def _lay_out(runner: Runner, prompt: Sequence[Item]):
+  """(plan items, their token layout (`plans.lay_out`, as training's tokenize), payloads)."""
+  items = [it.plan_item() for it in prompt]
+  return items, plans.lay_out(items, runner.specials, runner.geom), [it.payload for it in prompt]
 
 
 def cfg_text_cut(prompt: Sequence[Item]) -> int:
@@ -181,6 +211,29 @@ def capacity_for(programs: Sequence[Program], max_new_tokens: int) -> int:
     n += sum(max_new_tokens + 2 for s in p.steps if s == 'text')
     need = max(need, n)
   return C.bucket(max(need, 1), MIN_CAPACITY)
+
+
+def prompt_builders(runner: Runner, programs: Sequence[Program], cfg: bool = False) -> dict:
+  """The prefill blocks of a batch of programs, every prompt laid out by `plans.lay_out` and
+  appended through `BlockBuilder.layout`. Without cfg: {'full': the whole prompt}. With cfg
+  (an image is generated): 'cfg_text' (the layout before `cfg_text_cut`), 'rest' (the layout
+  from there on, continuing the cfg_text context: together they are the whole prompt) and
+  'cfg_img' (the prompt's text items alone, laid out on their own)."""
+  model, sp, B = runner.model, runner.specials, len(programs)
+  names = ('cfg_text', 'rest', 'cfg_img') if cfg else ('full',)
+  out = {k: C.make_builder(model, B, sp) for k in names}
+  for r, p in enumerate(programs):
+    items, lay, payloads = _lay_out(runner, p.prompt)
+    if not cfg:
+      out['full'].layout(r, items, lay, payloads)
+      continue
+    cut = cfg_text_cut(p.prompt)   # no item is dropped: segment j is prompt item j
+    out['cfg_text'].layout(r, items, lay, payloads, 0, cut)
+    out['rest'].layout(r, items, lay, payloads, cut)
+    texts = [it for it in p.prompt if it.kind == 'text']
+    t_items, t_lay, t_payloads = _lay_out(runner, texts)
+    out['cfg_img'].layout(r, t_items, t_lay, t_payloads)
+  return out
 
 
 def run_programs(runner: Runner, programs: Sequence[Program], *,
@@ -205,25 +258,13 @@ def run_programs(runner: Runner, programs: Sequence[Program], *,
   cap = capacity_for(programs, text_settings.max_new_tokens)
   has_image = 'image' in sig
   empty = C.new_context(model, B, cap)
+  bs = prompt_builders(runner, programs, cfg=has_image)
   if has_image:
-    cuts = [cfg_text_cut(p.prompt) for p in programs]
-    b1 = C.make_builder(model, B, sp)
-    b2 = C.make_builder(model, B, sp)
-    b3 = C.make_builder(model, B, sp)
-    for r, p in enumerate(programs):
-      for i, it in enumerate(p.prompt):
-        _add_item(b1 if i < cuts[r] else b2, r, it)
-        if it.kind == 'text':
-          _add_item(b3, r, it)
-    cfg_text = C.prefill(model, empty, b1)
-    full = C.prefill(model, cfg_text, b2)
-    cfg_img = C.prefill(model, empty, b3) if flow_settings.s_img > 1.0 else None
+    cfg_text = C.prefill(model, empty, bs['cfg_text'])
+    full = C.prefill(model, cfg_text, bs['rest'])
+    cfg_img = C.prefill(model, empty, bs['cfg_img']) if flow_settings.s_img > 1.0 else None
   else:
-    b = C.make_builder(model, B, sp)
-    for r, p in enumerate(programs):
-      for it in p.prompt:
-        _add_item(b, r, it)
-    full = C.prefill(model, empty, b)
+    full = C.prefill(model, empty, bs['full'])
     cfg_text = cfg_img = None
   outs: list[list[StepOutput]] = [[] for _ in range(B)]
   for j, _ in enumerate(sig):

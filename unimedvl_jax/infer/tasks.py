@@ -1,5 +1,10 @@
 """Inference tasks, mirroring the training plans (SPEC 6) -- model + tokenizer + cfg + inputs.
 
+Every prompt is written by the training template: the request's human text and input images go
+through `data.plans.prompt_plan` (the conversation / family template `plan_sample` uses), so a
+prompt is the training plan of the same sample truncated before its first loss item; the
+`*_program` functions build the `Program` of one request.
+
 - `vqa`, `report` (and any image-to-text prompt, `describe`): the human text split at `<image>`
   with the ViT image at each placeholder (images first when the text has none), then a text
   item is generated.
@@ -22,12 +27,13 @@ from typing import Sequence
 
 import numpy as np
 
+from unimedvl_jax.data import plans
+from unimedvl_jax.data.synthetic.common import VQA_SUFFIX  # the training data's VQA prompt suffix
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
 from unimedvl_jax.infer.runner import Program, Runner, run_programs
 
-IMAGE_PLACEHOLDER = '<image>'
-VQA_SUFFIX = 'Answer the question using a single word or phrase.'
+IMAGE_PLACEHOLDER = plans.IMAGE_PLACEHOLDER
 REPORT_PROMPT = ('Generate a concise radiology report with findings and impression for this '
                  'chest X-ray.')
 # BAGEL's think-mode system prompts (VLM_THINK_SYSTEM_PROMPT / GEN_THINK_SYSTEM_PROMPT)
@@ -47,26 +53,14 @@ EDIT_PROMPTS = {
 }
 
 
-def human_items(runner: Runner, text: str, images: Sequence[np.ndarray], image_items) -> list:
-  """A human turn split at `<image>` (the next image's items at each placeholder); without
-  placeholders the images go first. Empty text pieces are dropped (like data/plans.py)."""
-  n_ph = text.count(IMAGE_PLACEHOLDER)
-  images = list(images)
-  if n_ph and n_ph != len(images):
-    raise ValueError(f'the text has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but '
-                     f'{len(images)} image(s) were given')
-  out = []
-  if not n_ph:
-    for img in images:
-      out += image_items(img)
-  pending = images if n_ph else []
-  for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-    if j:
-      out += image_items(pending.pop(0))
-    piece = piece.strip()
-    if piece:
-      out.append(runner.text(piece))
-  return out
+def prompt_items(runner: Runner, family: str, text: str, images: Sequence[np.ndarray],
+                 system: str | None = None) -> list:
+  """The prompt of one request as runner Items: an optional system text item (think mode), then
+  the human turn `text` with its input images laid out by the training template of the task
+  family (`plans.prompt_plan`: split at `<image>`, images first without a placeholder, empty
+  pieces dropped; understanding: a ViT item per image; editing: VAE then ViT)."""
+  plan = [plans.PlanItem('text', text=system)] if system is not None else []
+  return runner.prompt(plan + plans.prompt_plan(family, text, list(images)))
 
 
 def _images_list(x):
@@ -88,16 +82,27 @@ def _run(runner, programs, seeds, batch_size, **settings):
   return out
 
 
+def understanding_program(runner: Runner, images, prompt: str, *, think: bool = False) -> Program:
+  """One image-to-text request (an image or a list, and its prompt): the prompt, then a text."""
+  items = prompt_items(runner, 'understanding', prompt, _images_list(images),
+                       system=THINK_VLM_SYSTEM if think else None)
+  return Program(items, ['text'])
+
+
+def vqa_prompt(question: str, suffix: str = VQA_SUFFIX) -> str:
+  """`<image>\\n{question}\\n{suffix}`, as the training data writes VQA prompts (the question's
+  own placeholders kept; the suffix not repeated)."""
+  p = question if IMAGE_PLACEHOLDER in question else f'{IMAGE_PLACEHOLDER}\n{question}'
+  return f'{p}\n{suffix}' if suffix and suffix not in p else p
+
+
 def image_to_text(model, tokenizer, cfg, images, prompts: Sequence[str], *,
                   text_settings: T.TextSettings = T.TextSettings(), seeds=0, batch_size: int = 8,
                   think: bool = False) -> list[str]:
   """Generic understanding: per request one image (or a list) and a prompt -> generated text."""
   runner = Runner(model, tokenizer, cfg)
-  progs = []
-  for imgs, prompt in zip(images, prompts, strict=True):
-    items = [runner.text(THINK_VLM_SYSTEM)] if think else []
-    items += human_items(runner, prompt, _images_list(imgs), lambda im: [runner.vit(im)])
-    progs.append(Program(items, ['text']))
+  progs = [understanding_program(runner, imgs, prompt, think=think)
+           for imgs, prompt in zip(images, prompts, strict=True)]
   outs = _run(runner, progs, seeds, batch_size, text_settings=text_settings)
   return [o[0].text for o in outs]
 
@@ -107,10 +112,7 @@ def vqa(model, tokenizer, cfg, images, questions: Sequence[str], *, suffix: str 
         batch_size: int = 8) -> list[str]:
   """Visual question answering: `<image>\\n{question}\\n{suffix}` (the image first when the
   question has no placeholder) -> the answer."""
-  prompts = []
-  for q in questions:
-    p = q if IMAGE_PLACEHOLDER in q else f'{IMAGE_PLACEHOLDER}\n{q}'
-    prompts.append(f'{p}\n{suffix}' if suffix and suffix not in p else p)
+  prompts = [vqa_prompt(q, suffix) for q in questions]
   return image_to_text(model, tokenizer, cfg, images, prompts, text_settings=text_settings,
                        seeds=seeds, batch_size=batch_size)
 
@@ -136,15 +138,19 @@ def text_to_image(model, tokenizer, cfg, prompts: Sequence[str], *, sizes=None,
   runner = Runner(model, tokenizer, cfg)
   n = len(prompts)
   sizes = _sizes(cfg, sizes, n)
-  progs = []
-  for prompt, hw in zip(prompts, sizes):
-    items = [runner.text(THINK_GEN_SYSTEM)] if think else []
-    items.append(runner.text(prompt))
-    steps = (['text'] if think else []) + [('image', runner.output_grid(*hw))]
-    progs.append(Program(items, steps))
+  progs = [text_to_image_program(runner, prompt, hw, think=think)
+           for prompt, hw in zip(prompts, sizes)]
   outs = _run(runner, progs, seeds, batch_size, text_settings=text_settings,
               flow_settings=flow_settings)
   return [dict(image=o[-1].image, plan=o[0].text if think else None) for o in outs]
+
+
+def text_to_image_program(runner: Runner, prompt: str, size, *, think: bool = False) -> Program:
+  """One text-to-image request: the prompt (think mode: the system text first, then a generated
+  plan), then an image of about `size` = (H, W)."""
+  items = prompt_items(runner, 'text_to_image', prompt, (),
+                       system=THINK_GEN_SYSTEM if think else None)
+  return Program(items, (['text'] if think else []) + [('image', runner.output_grid(*size))])
 
 
 def _sizes(cfg, sizes, n):
@@ -157,6 +163,24 @@ def _sizes(cfg, sizes, n):
   if len(sizes) != n:
     raise ValueError(f'{len(sizes)} sizes for {n} requests')
   return sizes
+
+
+def edit_program(runner: Runner, images, instruction: str, size=None, *, scale: float = 1.0,
+                 reply_first: bool = False, explain: bool = False) -> Program:
+  """One editing request: the input image(s) (each a VAE then a ViT item) and the instruction
+  (the images first unless its `<image>` placeholders match them), then (the reply,) the image of
+  `size` (default: the first input's VAE size times `scale`) (and the explanation)."""
+  imgs = _images_list(images)
+  prompt = (instruction if IMAGE_PLACEHOLDER in instruction
+            else f'{IMAGE_PLACEHOLDER}\n{instruction}')
+  if prompt.count(IMAGE_PLACEHOLDER) != len(imgs):
+    prompt = instruction.replace(IMAGE_PLACEHOLDER, ' ')   # images first
+  items = prompt_items(runner, 'editing', prompt, imgs)
+  if size is None:
+    x = runner.vae_pixels(imgs[0])
+    size = (int(round(x.shape[0] * scale)), int(round(x.shape[1] * scale)))
+  steps = (['text'] if reply_first else []) + [('image', runner.output_grid(*size))]
+  return Program(items, steps + (['text'] if explain else []))
 
 
 def edit(model, tokenizer, cfg, images, instructions: Sequence[str] | None = None, *,
@@ -182,21 +206,9 @@ def edit(model, tokenizer, cfg, images, instructions: Sequence[str] | None = Non
   if scale is None:
     scale = 2.0 if task == 'super_resolution' else 1.0
   explicit = None if sizes is None else _sizes(cfg, sizes, n)
-  progs = []
-  for i, (imgs, ins) in enumerate(zip(images, instructions, strict=True)):
-    imgs = _images_list(imgs)
-    prompt = ins if IMAGE_PLACEHOLDER in ins else f'{IMAGE_PLACEHOLDER}\n{ins}'
-    if prompt.count(IMAGE_PLACEHOLDER) != len(imgs):
-      prompt = ins.replace(IMAGE_PLACEHOLDER, ' ')   # images first
-    items = human_items(runner, prompt, imgs, lambda im: [runner.vae(im), runner.vit(im)])
-    if explicit is not None:
-      hw = explicit[i]
-    else:
-      x = runner.vae_pixels(imgs[0])
-      hw = (int(round(x.shape[0] * scale)), int(round(x.shape[1] * scale)))
-    steps = (['text'] if reply_first else []) + [('image', runner.output_grid(*hw))]
-    steps += ['text'] if explain else []
-    progs.append(Program(items, steps))
+  progs = [edit_program(runner, imgs, ins, None if explicit is None else explicit[i],
+                        scale=scale, reply_first=reply_first, explain=explain)
+           for i, (imgs, ins) in enumerate(zip(images, instructions, strict=True))]
   outs = _run(runner, progs, seeds, batch_size, text_settings=text_settings,
               flow_settings=flow_settings)
   res = []

@@ -4,8 +4,10 @@
 The whole loop is ONE jitted `jax.lax.while_loop` (one compilation per batch size, capacity and
 max_new_tokens): each iteration runs the decoder on a one-token block that is written into the
 cache, so after generation the context holds the generated text item
-(`<|im_start|>` ids `<|im_end|>`, a causal split at consecutive positions) exactly as if it had
-been prefilled with `add_text` -- "think" mode relies on this. A row that reaches
+(`<|im_start|>` ids `<|im_end|>`, a causal split at consecutive positions: the layout of
+`data.plans.item_tokens('text', ...)`) exactly as if it had been prefilled with `add_text`, and a
+prompt plus its answer is laid out as training's `plans.tokenize` of the two
+(tests/infer/test_prompt_contract.py) -- "think" mode relies on this. A row that reaches
 `max_new_tokens` content tokens gets `<|im_end|>` forced so its text item is closed.
 Rows are independent: each has its own length, position, stop state and sampling key.
 
