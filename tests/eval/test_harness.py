@@ -123,7 +123,7 @@ def test_evaluate_all_tasks(setup, evaluated):
 def test_evaluate_cli_function_and_errors(setup, tmp_path):
   from unimedvl_jax import evaluate as ev
   from unimedvl_jax.infer.loading import LoadError
-  from unimedvl_jax.train.checkpoint import save_model_checkpoint
+  from unimedvl_jax.train.model_checkpoint import save_model_checkpoint
   d, cfg, model, tok = setup
   ck = str(tmp_path / 'ckpt')
   save_model_checkpoint(ck, cfg, model, step=1)
