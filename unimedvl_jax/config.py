@@ -10,6 +10,8 @@ BAGEL's training hyper-parameters (section 4) unless a field says otherwise.
 
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 from ml_collections import ConfigDict
 
@@ -644,13 +646,29 @@ def set_field(cfg: ConfigDict, key: str, value) -> None:
   assign(node, parts[-1], value, key)
 
 
+def parse_override(override: str) -> tuple[str, object]:
+  """'a.b=VALUE' (also '--config.a.b=VALUE') -> ('a.b', value): the value as a Python literal
+  (`ast.literal_eval`), else the string as written. The one parser of `key=value` overrides
+  (`load_config_file`, `convert import --set`); `set_field` then sets and coerces it. Raises
+  ConfigError for a missing '=' or an empty key."""
+  key, eq, raw = override.partition('=')
+  key = key.strip().removeprefix('--').removeprefix('config.')
+  if not eq or not key:
+    raise ConfigError(f'override {override!r}: expected KEY=VALUE')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return key, value
+
+
 def load_config_file(path: str, overrides=()) -> ConfigDict:
-  """Loads `configs/NAME.py` (its `get_config()`), applies 'a.b=value' overrides, validates.
+  """Loads `configs/NAME.py` (its `get_config()`), applies 'a.b=value' overrides
+  (`parse_override`, `set_field`), validates.
 
   The CLIs use absl's `config_flags` for the same thing (`--config FILE --config.a.b=value`);
   this is the library form for tests, notebooks and subprocess launchers.
   """
-  import ast
   import importlib.util
   import os
   if not os.path.exists(path):
@@ -662,11 +680,5 @@ def load_config_file(path: str, overrides=()) -> ConfigDict:
     raise ConfigError(f'{path}: a config file must define get_config()')
   cfg = mod.get_config()
   for ov in overrides:
-    key, _, raw = ov.partition('=')
-    key = key.strip().removeprefix('--').removeprefix('config.')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    set_field(cfg, key, value)
+    set_field(cfg, *parse_override(ov))
   return validate(cfg)

@@ -101,10 +101,10 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
   """Returns 0 on success, 2 when the conversion is refused (the error says what is wrong)."""
   from unimedvl_jax.config import ConfigError
-  from unimedvl_jax.interop.import_torch import TorchImportError
+  from unimedvl_jax.interop.import_common import TorchImportError
   from unimedvl_jax.interop.keymap import KeyMapError, KeySetError
   from unimedvl_jax.interop.st_io import CheckpointFormatError
-  from unimedvl_jax.train.checkpoint import CheckpointError
+  from unimedvl_jax.train.checkpoint_format import CheckpointError
   args = _parser().parse_args(argv)
   try:
     return _run(args)

@@ -57,11 +57,11 @@ def _finite_numbers(x, path=''):
 def evaluated(setup, tmp_path_factory):
   """One evaluation of the train split (2 samples per task, 3 VQA), with the training split
   itself as the baselines' pool and the blank-input ablation; samples under a module tmp dir."""
-  from unimedvl_jax.eval import harness
+  from unimedvl_jax.eval import harness, tasks
   d, cfg, model, tok = setup
   files = [os.path.join(d, 'train', f'{g}.jsonl') for g in ('vqa', 'report', 't2i', 'edit',
                                                             'caption')]
-  samples = harness.load_samples(files)
+  samples = tasks.load_samples(files)
   wd = tmp_path_factory.mktemp('wd')
   report = harness.evaluate(cfg, model, tok, samples, batch_size=2,
                             max_samples={'vqa': 3, 'default': 2}, seed=3,
@@ -72,6 +72,7 @@ def evaluated(setup, tmp_path_factory):
 
 def test_evaluate_all_tasks(setup, evaluated):
   from unimedvl_jax.eval import harness
+  from unimedvl_jax.eval.tasks import IMAGE_KINDS
   d, cfg, model, tok = setup
   _, files, report = evaluated
   tasks = report['tasks']
@@ -113,7 +114,7 @@ def test_evaluate_all_tasks(setup, evaluated):
     out = os.path.join(v['samples_dir'], 'outputs.jsonl')
     recs = [json.loads(l) for l in open(out)]
     assert len(recs) == v['n']
-    if v['kind'] in harness.IMAGE_KINDS:
+    if v['kind'] in IMAGE_KINDS:
       assert recs[0]['grid_png'] and os.path.isfile(os.path.join(v['samples_dir'],
                                                                  recs[0]['grid_png']))
     else:
@@ -123,7 +124,7 @@ def test_evaluate_all_tasks(setup, evaluated):
 def test_evaluate_cli_function_and_errors(setup, tmp_path):
   from unimedvl_jax import evaluate as ev
   from unimedvl_jax.infer.loading import LoadError
-  from unimedvl_jax.train.checkpoint import save_model_checkpoint
+  from unimedvl_jax.train.model_checkpoint import save_model_checkpoint
   d, cfg, model, tok = setup
   ck = str(tmp_path / 'ckpt')
   save_model_checkpoint(ck, cfg, model, step=1)
@@ -149,7 +150,7 @@ def _jsonl(path, n):
 def test_training_baselines_and_ablation(setup, evaluated):
   """The baselines fitted on the pool and the blank-input ablation, checked against the data
   files read directly (the pool here is the evaluated split itself)."""
-  from unimedvl_jax.eval import harness
+  from unimedvl_jax.eval import tasks
   from unimedvl_jax.eval import metrics as M
   d, cfg, model, tok = setup
   _, files, report = evaluated
@@ -174,10 +175,10 @@ def test_training_baselines_and_ablation(setup, evaluated):
     assert t['baseline_nearest_image_retrieval']['rouge_l'] == pytest.approx(1.0)
     assert len(t['examples']) == t['n']
     key = next(k for k, v in report['tasks'].items() if v is t)
-    s0 = next(s for s in harness.load_samples(files) if harness.task_key(s) == key)
-    same = [s for s in harness.load_samples(files) if harness.task_key(s) == key
-            and harness.template_group(s) == harness.template_group(s0)]
-    assert t['baseline_modality_template']['example'] in [harness._first_reply(s) for s in same]
+    s0 = next(s for s in tasks.load_samples(files) if tasks.task_key(s) == key)
+    same = [s for s in tasks.load_samples(files) if tasks.task_key(s) == key
+            and tasks.template_group(s) == tasks.template_group(s0)]
+    assert t['baseline_modality_template']['example'] in [tasks.first_reply(s) for s in same]
   t2i = by_kind['text_to_image']
   for k in ('baseline_other_modality_train_images', 'reference_same_modality_train_images'):
     assert math.isfinite(t2i[k]['value']) and t2i[k]['n'] == t2i['n']
@@ -200,15 +201,15 @@ def test_prepare_blank_inputs(setup):
   import numpy as np
   from unimedvl_jax.data import images as imlib
   from unimedvl_jax.data.plans import Geometry
-  from unimedvl_jax.eval import harness
+  from unimedvl_jax.eval import tasks
   from unimedvl_jax.infer.context import encode_vae_tokens
   from unimedvl_jax.infer.runner import Runner
   d, cfg, model, tok = setup
-  s = next(x for x in harness.load_samples([os.path.join(d, 'train', 'edit.jsonl')])
+  s = next(x for x in tasks.load_samples([os.path.join(d, 'train', 'edit.jsonl')])
            if x.sub_task_type == 'segmentation')
   runner, geom = Runner(model, tok, cfg), Geometry.from_config(cfg)
-  a = harness.prepare(runner, s, geom, tok)
-  b = harness.prepare(runner, s, geom, tok, blank_inputs=True)
+  a = tasks.prepare(runner, s, geom, tok)
+  b = tasks.prepare(runner, s, geom, tok, blank_inputs=True)
   va, vb = [i for i in a.program.prompt if i.kind == 'vit'], [i for i in b.program.prompt
                                                              if i.kind == 'vit']
   assert len(va) == len(vb) == 1 and vb[0].grid == va[0].grid

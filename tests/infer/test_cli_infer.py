@@ -17,7 +17,7 @@ from unimedvl_jax.infer.random_init import random_model
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
   from unimedvl_jax.data import synthetic
-  from unimedvl_jax.train.checkpoint import save_model_checkpoint
+  from unimedvl_jax.train.model_checkpoint import save_model_checkpoint
   d = str(tmp_path_factory.mktemp('cli'))
   synthetic.generate(os.path.join(d, 'data'), seed=0, size=32, n_subjects=4, include_real=False,
                      vocab_size=600)

@@ -29,10 +29,11 @@ from tests.helpers.interop import assert_bit_exact, flat_np, random_model, tiny_
 from unimedvl_jax import convert
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import write_torch_dir
-from unimedvl_jax.interop.import_torch import (TorchImportError, import_checkpoint, import_folder,
-                                               load_vae_checkpoint)
+from unimedvl_jax.interop.import_common import TorchImportError
+from unimedvl_jax.interop.import_torch import import_checkpoint, import_folder
 from unimedvl_jax.interop.st_io import CheckpointFormatError, SafetensorsSource, plan_shards
-from unimedvl_jax.train.checkpoint import config_to_json
+from unimedvl_jax.interop.vae_checkpoint import load_vae_checkpoint
+from unimedvl_jax.train.checkpoint_format import config_to_json
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,7 @@ from tests.helpers.model_packs import build_batch
 from unimedvl_jax.config import load_config_file
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import export_hf_causal_lm
-from unimedvl_jax.interop.import_torch import import_state_dict
+from unimedvl_jax.interop.import_stream import import_state_dict
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 V, H, I, L, NH, NKV, D = 320, 64, 160, 2, 4, 2, 16

@@ -15,7 +15,8 @@ from tests.helpers.interop import TINY, assert_bit_exact, random_model, tiny_cfg
 from unimedvl_jax import convert
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import export_state_dict, write_torch_dir
-from unimedvl_jax.interop.import_torch import derive_config, import_state, import_state_dict
+from unimedvl_jax.interop.import_config import derive_config
+from unimedvl_jax.interop.import_stream import import_state, import_state_dict
 from unimedvl_jax.interop.st_io import DictSource, SafetensorsSource
 
 
@@ -46,7 +47,7 @@ def test_export_files_and_cli_roundtrip_through_orbax(fp32_setup, tmp_path):
 
   ck = tmp_path / 'ckpt'
   assert convert.main(['import', '--torch-dir', str(d1), '--out', str(ck), '--config', TINY]) == 0
-  from unimedvl_jax.train.checkpoint import load_model
+  from unimedvl_jax.train.model_checkpoint import load_model
   cfg2, model2 = load_model(str(ck))
   assert cfg2.model.to_dict() == cfg.model.to_dict()
   assert cfg2.data.tokenizer_kind == 'hf'

@@ -99,6 +99,23 @@ def test_overrides_parse_types():
   assert validate(default_config()) is not None
 
 
+def test_one_override_parser_for_config_files_and_the_importer():
+  """`config.parse_override` parses both `load_config_file` overrides and `convert import --set`:
+  the same literals, the same strings, the same error for a missing '='."""
+  from unimedvl_jax.config import parse_override
+  from unimedvl_jax.interop.import_common import TorchImportError
+  from unimedvl_jax.interop.import_config import parse_overrides
+  assert parse_override('--config.train.lr=1e-3') == ('train.lr', 1e-3)
+  assert parse_override('model.dtype=bfloat16') == ('model.dtype', 'bfloat16')
+  assert parse_override('train.freeze=["vae"]') == ('train.freeze', ['vae'])
+  assert parse_overrides(['--config.train.lr=1e-3', 'model.dtype=bfloat16']) == {
+      'train.lr': 1e-3, 'model.dtype': 'bfloat16'}
+  with pytest.raises(ConfigError, match="override 'model.llm.num_layers': expected KEY=VALUE"):
+    load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), ['model.llm.num_layers'])
+  with pytest.raises(TorchImportError, match="--set: override '=2': expected KEY=VALUE"):
+    parse_overrides(['=2'])
+
+
 def test_freeze_takes_module_names_and_regexes():
   from unimedvl_jax.config import FREEZE_ALIASES, freeze_patterns, stage_train_config
   cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'),

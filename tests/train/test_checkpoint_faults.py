@@ -21,6 +21,8 @@ import pytest
 
 from unimedvl_jax.config import default_config
 from unimedvl_jax.train import checkpoint as C
+from unimedvl_jax.train import checkpoint_format as F
+from unimedvl_jax.train import checkpoint_integrity as I
 from unimedvl_jax.train.workdir import WorkdirBusyError, WorkdirLock
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
@@ -67,9 +69,9 @@ def two_steps(tmp_path):
 def test_checksums_recorded_per_file(two_steps):
   import hashlib
   _, d = two_steps
-  rec = json.load(open(os.path.join(d, '2', C.CHECKSUMS)))
+  rec = json.load(open(os.path.join(d, '2', I.CHECKSUMS)))
   files = [os.path.relpath(os.path.join(r, f), os.path.join(d, '2'))
-           for r, _, fs in os.walk(os.path.join(d, '2')) for f in fs if f != C.CHECKSUMS]
+           for r, _, fs in os.walk(os.path.join(d, '2')) for f in fs if f != I.CHECKSUMS]
   assert sorted(rec['files']) == sorted(files) and rec['algorithm'] == 'sha256'
   for rel, v in rec['files'].items():   # against hashlib directly
     data = open(os.path.join(d, '2', rel), 'rb').read()
@@ -87,8 +89,8 @@ def test_flipped_bytes_fall_back_and_are_moved_aside(two_steps):
     f.seek(size // 2)
     f.write(bytes(x ^ 0xFF for x in b))
   assert os.path.getsize(victim) == size
-  with pytest.raises(C.CheckpointCorruptError, match='sha256 mismatch'):
-    C.verify_checksums(os.path.join(d, '2'), ['params'])
+  with pytest.raises(F.CheckpointCorruptError, match='sha256 mismatch'):
+    I.verify_checksums(os.path.join(d, '2'), ['params'])
   (step, state, data, _), _ = _restore(wd, move_bad_aside=True)
   assert step == 1 and float(state['params']['w'][0]) == 1.0 and data == {'k': 1}
   assert os.path.isdir(os.path.join(d, '2' + C.BAD_SUFFIX)) and not os.path.exists(
@@ -105,7 +107,7 @@ def test_missing_item_falls_back(two_steps, with_checksums):
   wd, d = two_steps
   shutil.rmtree(os.path.join(d, '2', 'params'))
   if not with_checksums:               # a checkpoint of an older version: metadata check only
-    os.remove(os.path.join(d, '2', C.CHECKSUMS))
+    os.remove(os.path.join(d, '2', I.CHECKSUMS))
   (step, state, _, _), _ = _restore(wd)
   assert step == 1 and float(state['params']['w'][0]) == 1.0
 
@@ -116,7 +118,7 @@ def test_nonfinite_restored_arrays_fall_back(two_steps):
   ck = C.Checkpointer(wd, async_save=False)
   bad = _state(3)
   bad['params']['w'] = bad['params']['w'].at[7].set(jnp.nan)
-  args = {k: ocp.args.StandardSave(C.to_tree(bad[k])) for k in ('params', 'meta')}
+  args = {k: ocp.args.StandardSave(F.to_tree(bad[k])) for k in ('params', 'meta')}
   ck.manager.save(3, args=ocp.args.Composite(**args, data=ocp.args.JsonSave({}),
                                              config=ocp.args.JsonSave({})), force=True)
   ck.close()
@@ -129,7 +131,7 @@ def test_key_mismatch_is_an_error_not_a_fallback(two_steps):
   t = _template()
   t['params']['extra'] = jnp.zeros(3)
   ck = C.Checkpointer(wd, async_save=False)
-  with pytest.raises(C.CheckpointMismatchError, match=r"item 'params': key mismatch.*missing: \['extra'\]"):
+  with pytest.raises(F.CheckpointMismatchError, match=r"item 'params': key mismatch.*missing: \['extra'\]"):
     ck.restore(t, items=('params', 'meta'))
   ck.close()
 
@@ -139,7 +141,7 @@ def test_nonfinite_state_is_never_saved(two_steps):
   ck = C.Checkpointer(wd, max_to_keep=1, async_save=False)
   bad = _state(3)
   bad['params']['b'] = bad['params']['b'].at[1].set(jnp.inf)
-  with pytest.raises(C.CheckpointError, match=r'refusing to save step 3.*params/b'):
+  with pytest.raises(F.CheckpointError, match=r'refusing to save step 3.*params/b'):
     ck.save(3, bad, data_state={}, cfg=CFG, force=True)
   assert ck.all_steps() == [1, 2] and sorted(os.listdir(d)) == ['1', '2']
   ck.close()
@@ -149,7 +151,7 @@ def test_rotation_keeps_the_newest_known_good_step(two_steps):
   wd, d = two_steps
   ck = C.Checkpointer(wd, max_to_keep=1, async_save=False)
   for s in (3, 4):     # newer steps without recorded checksums (e.g. killed before recording)
-    args = {k: ocp.args.StandardSave(C.to_tree(_state(s)[k])) for k in ('params', 'meta')}
+    args = {k: ocp.args.StandardSave(F.to_tree(_state(s)[k])) for k in ('params', 'meta')}
     ck.manager.save(s, args=ocp.args.Composite(**args, data=ocp.args.JsonSave({}),
                                                config=ocp.args.JsonSave({})), force=True)
   ck.manager.reload()
@@ -172,7 +174,7 @@ def test_async_saves_finished_by_poll(tmp_path):
       ck.poll()
       time.sleep(0.01)
     assert not ck._pending and ck._hasher is None
-    assert os.path.exists(os.path.join(ck.step_dir(step), C.CHECKSUMS))
+    assert os.path.exists(os.path.join(ck.step_dir(step), I.CHECKSUMS))
   assert ck.all_steps() == [2, 3] and ck.newest_good_step() == 3
   ck.close()
 
@@ -204,14 +206,14 @@ def test_failed_async_save_surfaces_at_once_as_one_line(tmp_path, caplog):
         time.sleep(0.05)
   finally:
     undo()
-  with pytest.raises(C.CheckpointSaveError) as e:
+  with pytest.raises(F.CheckpointSaveError) as e:
     ck.poll()                        # the per-step call of the training loop
   msg = str(e.value)
   assert '\n' not in msg and len(msg) < 800, msg
   assert os.path.join(ck.directory, '2') in msg and 'File too large' in msg, msg
   assert 'newest complete checkpoint is step 1' in msg
   assert all(r.exc_info is None for r in caplog.records)       # no Orbax tracebacks
-  with pytest.raises(C.CheckpointSaveError):                   # and the run cannot go on saving
+  with pytest.raises(F.CheckpointSaveError):                   # and the run cannot go on saving
     ck.save(3, _state(3), data_state={}, cfg=CFG, force=True)
   ck.wait()
   ck.close()                        # already reported: no second error
@@ -224,9 +226,9 @@ def test_failed_checksum_write_names_path_and_cause(tmp_path, monkeypatch):
   ck = C.Checkpointer(wd, async_save=False)
 
   def full(step_dir):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(step_dir, C.CHECKSUMS))
-  monkeypatch.setattr(C, 'write_checksums', full)
-  with pytest.raises(C.CheckpointSaveError) as e:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(step_dir, I.CHECKSUMS))
+  monkeypatch.setattr(C, 'write_checksums', full)      # the name the Checkpointer calls
+  with pytest.raises(F.CheckpointSaveError) as e:
     ck.save(1, _state(1), data_state={}, cfg=CFG, force=True)
   msg = str(e.value)
   assert 'No space left on device' in msg and os.path.join(ck.directory, '1') in msg, msg
@@ -336,15 +338,15 @@ def test_second_run_refused_and_corrupt_latest_resumed_past(synthetic_dir, tmp_p
   assert f'resumed from {ck}/2' in r.stdout
   assert _losses(wd) == ref                   # steps 3 and 4 trained again, identically
   assert sorted(os.listdir(ck)) == ['2', '4', '4' + C.BAD_SUFFIX]
-  assert C.verify_checksums(str(ck / '4'), C.ARRAY_ITEMS + ('data', 'config'))
+  assert I.verify_checksums(str(ck / '4'), C.ARRAY_ITEMS + ('data', 'config'))
 
 
 def test_checkpoint_config_with_old_train_fields_still_loads():
-  d = C.config_to_json(default_config())
+  d = F.config_to_json(default_config())
   d['train']['grad_clip'] = 0.0          # "no clip" was accepted before train fields were checked
   d['train']['keep_checkpoints'] = 0
-  cfg = C.config_from_json(d)
+  cfg = F.config_from_json(d)
   assert cfg.train.grad_clip == 0.0 and cfg.model.llm.num_layers == 28
   d['model']['llm']['num_kv_heads'] = 5
   with pytest.raises(Exception, match='config.model.llm.num_heads'):
-    C.config_from_json(d)
+    F.config_from_json(d)

@@ -195,7 +195,7 @@ def test_adapter_file_roundtrip(tmp_path, env):
 def test_export_merge_lora(tmp_path, env, capsys):
   from unimedvl_jax import convert
   from unimedvl_jax.interop.st_io import SafetensorsSource
-  from unimedvl_jax.train.checkpoint import save_model_checkpoint
+  from unimedvl_jax.train.model_checkpoint import save_model_checkpoint
   cfg, graphdef, state, _ = env
   params = jax.tree.map(jnp.copy, state['params'])
   _randomise(params, jax.random.key(13))

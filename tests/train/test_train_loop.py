@@ -133,7 +133,7 @@ def test_divergence_stops_and_never_reaches_a_checkpoint(synthetic_dir, tmp_path
   r = subprocess.run(c, env=ENV, capture_output=True, text=True, timeout=900)
   assert r.returncode != 0
   assert 'NonFiniteError' in r.stderr and 'max_nonfinite_steps=2' in r.stderr
-  from unimedvl_jax.train.checkpoint import load_model
+  from unimedvl_jax.train.model_checkpoint import load_model
   for use_ema in (True, False):
     _, model = load_model(str(wd), use_ema=use_ema)
     from flax import nnx

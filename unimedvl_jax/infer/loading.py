@@ -2,7 +2,7 @@
 
 Errors are `LoadError` with a message naming the offending path or field: a missing checkpoint,
 a checkpoint whose config does not match the one given (`CheckpointError` from
-train/checkpoint.py), a tokenizer that is missing or does not fit the model's vocabulary.
+train/model_checkpoint.py), a tokenizer that is missing or does not fit the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def load_checkpoint(directory: str, *, config_path: str | None = None, use_ema: 
   merged into the base weights (model/lora.py); int8: the decoder's projections and MLPs as
   int8 weights with per-channel scales (model/quant.py)."""
   from unimedvl_jax.model import lora, quant
-  from unimedvl_jax.train.checkpoint import CheckpointError, load_model
+  from unimedvl_jax.train.checkpoint_format import CheckpointError
+  from unimedvl_jax.train.model_checkpoint import load_model
   if not directory or not os.path.exists(directory):
     raise LoadError(f'--checkpoint {directory!r} does not exist')
   want = load_config(config_path)

@@ -36,12 +36,12 @@ import numpy as np
 
 from unimedvl_jax.data.locate import checkpoint_tokenizer_dir
 from unimedvl_jax.interop import keymap as km
-from unimedvl_jax.interop.import_torch import (ADAPTERS_FILE, SIDECAR_CONFIG, TOKENIZER_FILES,
-                                               VAE_FILE_NAME, VAE_META_PREFIX, VAE_SETTINGS,
-                                               dtype_name, is_vae_checkpoint, load_vae_checkpoint,
-                                               vae_entries)
+from unimedvl_jax.interop.import_common import (ADAPTERS_FILE, SIDECAR_CONFIG, TOKENIZER_FILES,
+                                                VAE_FILE_NAME, VAE_META_PREFIX, VAE_SETTINGS,
+                                                dtype_name)
 from unimedvl_jax.interop.st_io import (SafetensorsSource, StreamingWriter, np_dtype, parse_size,
                                         plan_shards, write_file_atomic)
+from unimedvl_jax.interop.vae_checkpoint import is_vae_checkpoint, load_vae_checkpoint, vae_entries
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -304,7 +304,7 @@ def write_torch_dir(cfg, model_or_state, out_dir: str, *, dtype=None,
   _write_json(os.path.join(out_dir, 'llm_config.json'), llm_config_json(cfg, _np_dtype(dtype)))
   if cfg.model.vit.enabled:
     _write_json(os.path.join(out_dir, 'vit_config.json'), vit_config_json(cfg))
-  from unimedvl_jax.train.checkpoint import config_to_json
+  from unimedvl_jax.train.checkpoint_format import config_to_json
   full = config_to_json(cfg)
   if dtype is not None:
     full['model']['param_dtype'] = _np_dtype(dtype).name
@@ -449,7 +449,7 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype=None, use_ema: bool = 
     return export_vae_checkpoint(checkpoint, out, dtype=dtype)
   check_out_dir(out, shard_size)
   from unimedvl_jax.model import lora
-  from unimedvl_jax.train.checkpoint import load_config, load_model
+  from unimedvl_jax.train.model_checkpoint import load_config, load_model
   rank = load_config(checkpoint, step).model.lora.rank
   if rank > 0 and not merge_lora:
     raise ValueError(f'checkpoint {checkpoint} has LoRA adapters (model.lora.rank={rank}): pass '

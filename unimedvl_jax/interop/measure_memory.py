@@ -60,7 +60,7 @@ class Sampler:
 def _child(phase: str, src: str, dst: str) -> dict:
   import jax  # noqa: F401  (imported before the baseline)
   from unimedvl_jax.interop import export_torch, import_torch
-  from unimedvl_jax.train import checkpoint
+  from unimedvl_jax.train import model_checkpoint
   if phase == 'import':
     s = Sampler()
     r = import_torch.import_folder(src)
@@ -68,7 +68,7 @@ def _child(phase: str, src: str, dst: str) -> dict:
     del r
   else:
     s = Sampler()
-    cfg, model = checkpoint.load_model(src)
+    cfg, model = model_checkpoint.load_model(src)
     out = {'restore_' + k: v for k, v in s.stop().items()}
     s = Sampler()
     export_torch.write_torch_dir(cfg, model, dst)
@@ -89,7 +89,7 @@ def main(argv=None):
   from unimedvl_jax.config import load_config_file
   from unimedvl_jax.infer.random_init import random_model
   from unimedvl_jax.interop.export_torch import write_torch_dir
-  from unimedvl_jax.train.checkpoint import save_model_checkpoint
+  from unimedvl_jax.train.model_checkpoint import save_model_checkpoint
   from flax import nnx
   cfg = load_config_file(a.config, ['model.param_dtype=float32'])
   model = random_model(cfg.model, 0)

@@ -28,7 +28,7 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
-  from unimedvl_jax.train.checkpoint import CheckpointError
+  from unimedvl_jax.train.checkpoint_format import CheckpointError
   from unimedvl_jax.train.loop import train
   from unimedvl_jax.train.workdir import WorkdirBusyError
   if FLAGS.evaluate:   # a bad eval.* sampler setting fails now, not after training

@@ -11,6 +11,12 @@ writes it to `WORKDIR/data_state/<step>/process_<i>.json` before the step's save
 Orbax `data` item holds process 0's), and each restores its own.
 Items are separate so that inference restores only `ema` (or `params`) + `buffers`.
 
+This module is the manager (`Checkpointer`: save, poll, rotation, fallback restore, the
+per-process data states). What is stored and how it maps back to a model is
+checkpoint_format.py (string-key trees, key checks, config JSON, the errors); whether a step is
+intact is checkpoint_integrity.py (checksums, finiteness); writing / loading a model alone is
+model_checkpoint.py (`save_model_checkpoint`, `load_model`, `load_config`).
+
 Never losing a run:
 - A state holding a non-finite value is never saved (CheckpointError; the disk is untouched).
 - Saves are asynchronous; `poll()` (cheap, every step) notices a finished background save at
@@ -31,218 +37,30 @@ Never losing a run:
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import json
 import logging
 import os
 import re
 import threading
-import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint.checkpoint_manager import StepAlreadyExistsError
+
+from unimedvl_jax.train.checkpoint_format import (CheckpointCorruptError, CheckpointError,
+                                                  CheckpointMismatchError, CheckpointSaveError,
+                                                  abstract_tree, check_keys, config_to_json,
+                                                  flat_keys, from_tree, meta_tree, to_tree)
+from unimedvl_jax.train.checkpoint_integrity import (CHECKSUMS, nonfinite_leaves,
+                                                     verify_checksums, write_checksums)
 
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ('params', 'ema', 'buffers', 'opt_state', 'meta')
-
-
-CHECKSUMS = 'unimedvl_checksums.json'
 BAD_SUFFIX = '.unusable'
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, corrupt, or does not match the model/config."""
-
-
-class CheckpointMismatchError(CheckpointError):
-  """The checkpoint's arrays do not match the model/config (no fallback: every step would)."""
-
-
-class CheckpointCorruptError(CheckpointError):
-  """One step is unusable (item missing, checksum mismatch, non-finite); restore falls back."""
-
-
-class CheckpointSaveError(CheckpointError):
-  """A save failed (e.g. the disk is full); the run must stop."""
-
-
-# ------------------------------------------------------------------ nnx state <-> string-key trees
-
-def _key_str(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _paths(x):
-  """[(tuple of string keys, leaf)] in jax's flatten order (nnx.State, namedtuples included);
-  an nnx Variable is one leaf named by its path (no trailing 'value')."""
-  is_var = lambda v: isinstance(v, nnx.Variable)
-  x = jax.tree.map(lambda v: v.get_value() if is_var(v) else v, x,
-                   is_leaf=lambda v: v is None or is_var(v))
-  flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda v: v is None)
-  return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in flat if leaf is not None]
-
-
-def to_tree(x) -> Any:
-  """Any pytree (nnx.State, optax states, dicts) -> nested dicts with string keys and array
-  leaves (Orbax-friendly; empty containers vanish)."""
-  out: dict = {}
-  for keys, leaf in _paths(x):
-    if not keys:
-      return leaf
-    node = out
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = leaf
-  return out
-
-
-def flat_keys(tree, prefix=()) -> dict[tuple, Any]:
-  out = {}
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.update(flat_keys(v, prefix + (str(k),)))
-  else:
-    out[prefix] = tree
-  return out
-
-
-def from_tree(tree, template):
-  """Fills `template`'s structure with the leaves of a string-key tree (strict key check)."""
-  flat = flat_keys(tree)
-  tmpl = _paths(template)
-  _check_keys(set(flat), {k for k, _ in tmpl}, 'restored tree')
-  treedef = jax.tree_util.tree_structure(template, is_leaf=lambda v: v is None)
-  return jax.tree_util.tree_unflatten(treedef, [flat[k] for k, _ in tmpl])
-
-
-def _check_keys(got: set, want: set, what: str):
-  missing = sorted('/'.join(k) for k in want - got)
-  extra = sorted('/'.join(k) for k in got - want)
-  if missing or extra:
-    raise CheckpointMismatchError(
-        f'{what}: key mismatch ({len(missing)} missing, {len(extra)} unexpected). '
-        f'missing: {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
-        f'unexpected: {extra[:20]}{" ..." if len(extra) > 20 else ""}')
-
-
-def _abstract(template, shardings=None):
-  """String-key tree of ShapeDtypeStructs for `template`; `shardings` may be a prefix tree
-  (e.g. one NamedSharding per nnx Variable)."""
-  def one(x, s=None):
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
-  if shardings is None:
-    return to_tree(jax.tree.map(one, template))
-  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)
-  full = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, template,
-                      is_leaf=is_sh)
-  return to_tree(jax.tree.map(one, template, full))
-
-
-# ------------------------------------------------------------------ checksums and finiteness
-
-def _sha256(path: str, chunk: int = 1 << 23) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        return h.hexdigest()
-      h.update(b)
-
-
-def _step_files(step_dir: str) -> list[str]:
-  """Relative ('/'-separated) paths of the files of a step directory, the checksum file aside."""
-  out = []
-  for r, _, files in os.walk(step_dir):
-    for f in files:
-      rel = os.path.relpath(os.path.join(r, f), step_dir).replace(os.sep, '/')
-      if rel != CHECKSUMS:
-        out.append(rel)
-  return sorted(out)
-
-
-def _hash_files(step_dir: str, rels: list[str]) -> list[str]:
-  paths = [os.path.join(step_dir, *r.split('/')) for r in rels]
-  if len(paths) <= 1:
-    return [_sha256(p) for p in paths]
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as ex:
-    return list(ex.map(_sha256, paths))     # hashlib releases the GIL on large buffers
-
-
-def write_checksums(step_dir: str) -> dict:
-  """Records sha256 + size of every file of a completed step in `step_dir/CHECKSUMS`."""
-  rels = _step_files(step_dir)
-  digests = _hash_files(step_dir, rels)
-  rec = {'version': 1, 'algorithm': 'sha256',
-         'files': {r: {'size': os.path.getsize(os.path.join(step_dir, *r.split('/'))),
-                       'sha256': d} for r, d in zip(rels, digests)}}
-  path = os.path.join(step_dir, CHECKSUMS)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(rec, f, indent=0, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return rec
-
-
-def verify_checksums(step_dir: str, items) -> bool:
-  """Checks the files of `items` against the recorded checksums. False if none are recorded;
-  raises CheckpointCorruptError naming the files that are missing or changed."""
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return False
-  try:
-    with open(path) as f:
-      files = json.load(f)['files']
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointCorruptError(f'{path} is unreadable ({type(e).__name__}: {e})') from None
-  items = set(items)
-  want = {r: v for r, v in files.items() if r.split('/')[0] in items}
-  problems, to_hash = [], []
-  for r, v in sorted(want.items()):
-    p = os.path.join(step_dir, *r.split('/'))
-    try:
-      size = os.path.getsize(p)
-    except OSError:
-      problems.append(f'{r} is missing')
-      continue
-    if size != v['size']:
-      problems.append(f'{r} has {size} bytes, {v["size"]} were written')
-    else:
-      to_hash.append(r)
-  for r, d in zip(to_hash, _hash_files(step_dir, to_hash)):
-    if d != want[r]['sha256']:
-      problems.append(f'{r} changed since it was written (sha256 mismatch)')
-  if problems:
-    raise CheckpointCorruptError(f'{len(problems)} file(s) fail their recorded checksum: '
-                                 + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
-  return True
-
-
-def nonfinite_leaves(tree) -> list[str]:
-  """'/'-joined paths of the floating-point leaves of `tree` holding a NaN or an infinity (one
-  device reduction per leaf, one transfer of booleans)."""
-  checks = {}
-  for keys, leaf in flat_keys(to_tree(tree)).items():
-    dt = getattr(leaf, 'dtype', None)
-    if dt is None or not jnp.issubdtype(dt, jnp.inexact):
-      continue
-    checks['/'.join(keys)] = jnp.all(jnp.isfinite(leaf))
-  got = jax.device_get(checks)
-  return sorted(k for k, ok in got.items() if not bool(ok))
-
+# ------------------------------------------------------------------ failed saves, Orbax logs
 
 def _save_failure_cause(e: BaseException) -> str:
   """A one-line cause of a failed save: the innermost OS error (with the file), else the first
@@ -576,12 +394,12 @@ class Checkpointer:
         raise CheckpointCorruptError(f'item {k!r} is missing')
     for k in items:
       want = set(flat_keys(to_tree(template_state[k])))
-      got = set(flat_keys(_meta_tree(meta[k])))
-      _check_keys(got, want, f'checkpoint {self.directory}/{step} item {k!r}')
+      got = set(flat_keys(meta_tree(meta[k])))
+      check_keys(got, want, f'checkpoint {self.directory}/{step} item {k!r}')
     args = {}
     for k in items:
       sh = shardings[k] if shardings is not None and k in shardings else None
-      args[k] = ocp.args.StandardRestore(_abstract(template_state[k], sh))
+      args[k] = ocp.args.StandardRestore(abstract_tree(template_state[k], sh))
     args['data'] = ocp.args.JsonRestore()
     args['config'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -595,143 +413,3 @@ class Checkpointer:
                   'finiteness check only', step, self.directory)
     state = {k: from_tree(out[k], template_state[k]) for k in items}
     return state, self._read_process_data(step, out['data']), out['config']
-
-
-def _meta_tree(meta):
-  """Orbax item metadata -> nested dicts (keys only matter)."""
-  if hasattr(meta, 'tree'):
-    meta = meta.tree
-  if isinstance(meta, dict):
-    return {str(k): _meta_tree(v) for k, v in meta.items()}
-  if isinstance(meta, (list, tuple)):
-    return {str(i): _meta_tree(v) for i, v in enumerate(meta)}
-  return 0
-
-
-# ------------------------------------------------------------------------------ config JSON
-
-def config_to_json(cfg) -> dict:
-  return json.loads(cfg.to_json_best_effort())
-
-
-def config_from_json(d: dict):
-  """A checkpoint's config. Only the model and data sections are validated: a checkpoint stays
-  loadable (inference, export) even if its training fields predate the current validation."""
-  from unimedvl_jax.config import default_config, validate_data, validate_model
-  cfg = default_config()
-  _merge(cfg, d, '')
-  validate_model(cfg.model)
-  validate_data(cfg.data, cfg.model)
-  return cfg
-
-
-def _merge(node, d, where):
-  """The JSON `d` into the ConfigDict `node`: fields unknown to the schema are added, known ones
-  set as config.assign sets them (JSON lists become tuples)."""
-  from unimedvl_jax.config import assign
-  for k, v in d.items():
-    field = f'{where}.{k}' if where else k
-    if k not in node:
-      node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
-      continue
-    if isinstance(node[k], ml_collections.ConfigDict):
-      _merge(node[k], v, field)
-    else:
-      assign(node, k, v, field)
-
-
-# ------------------------------------------------------------------ model-only save / load
-
-def model_states(model):
-  """model -> (graphdef, params State, buffers State)."""
-  from unimedvl_jax.model.embeddings import Buffer
-  graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
-  return graphdef, params, buffers
-
-
-def save_model_checkpoint(directory: str, cfg, model_or_params, step: int = 0, *, buffers=None):
-  """Writes a params-only checkpoint (params == ema, empty optimizer state) + the config.
-
-  `model_or_params` is a UniMedVL module, or a params nnx.State (then the frozen tables are
-  recomputed from the config unless `buffers` is given)."""
-  if isinstance(model_or_params, nnx.Module):
-    _, params, buffers = model_states(model_or_params)
-  else:
-    params = model_or_params
-    if buffers is None:
-      buffers = config_buffers(cfg)
-  ck = Checkpointer(directory, max_to_keep=10, async_save=False)
-  meta = {'step': np.int32(step), 'rng': np.zeros((2,), np.uint32), 'nonfinite': np.int32(0)}
-  # params only (no EMA copy, no optimizer state): load_model falls back to `params`
-  state = {'params': params, 'buffers': buffers, 'meta': meta}
-  ck.save(step, state, data_state={}, cfg=cfg, force=True)
-  ck.close()
-
-
-def config_buffers(cfg):
-  """The frozen sin-cos tables of a config as a buffers nnx.State (no parameter allocated)."""
-  from unimedvl_jax.model.embeddings import sincos_2d_table
-  from unimedvl_jax.model.layers import to_dtype
-  from unimedvl_jax.model.unimedvl import abstract_model
-  abstract = abstract_model(cfg.model)
-  _, _, b_abs = model_states(abstract)
-  grids = {'vit_pos_embed': cfg.model.vit.grid_size, 'latent_pos_embed': cfg.model.max_latent_size}
-  for path, var in nnx.to_flat_state(b_abs):
-    table = sincos_2d_table(cfg.model.llm.hidden_size, grids[path[0]])
-    var.value = jnp.asarray(table, to_dtype(cfg.model.param_dtype))
-  return b_abs
-
-
-def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | None = None):
-  """(cfg, UniMedVL) from a training workdir / checkpoints folder; EMA weights by default.
-
-  With `cfg` given, the checkpoint's config must describe the same model (else CheckpointError).
-  """
-  from unimedvl_jax.model.unimedvl import abstract_model
-  ck = Checkpointer(directory, async_save=False)
-  s, ck_cfg = _read_config(ck, directory, step)
-  if cfg is not None:
-    a, b = config_to_json(cfg)['model'], config_to_json(ck_cfg)['model']
-    if a != b:
-      diff = sorted(k for k in set(_flatcfg(a)) | set(_flatcfg(b))
-                    if _flatcfg(a).get(k) != _flatcfg(b).get(k))
-      raise CheckpointError(f'checkpoint {directory} (step {s}) was written for a different model: '
-                            f'fields differ: {diff[:20]}')
-  abstract = abstract_model(ck_cfg.model)
-  graphdef, p_abs, b_abs = model_states(abstract)
-  which = 'ema' if use_ema else 'params'
-  meta = ck.manager.item_metadata(s)
-  if which == 'ema' and (meta is None or 'ema' not in meta or meta['ema'] is None):
-    which = 'params'    # a params-only checkpoint (e.g. written by `convert import`)
-  template = {which: p_abs, 'buffers': b_abs}
-  _, state, _, _ = ck.restore(template, step=s, items=(which, 'buffers'))
-  model = nnx.merge(graphdef, state[which], state['buffers'])
-  ck.close()
-  return ck_cfg, model
-
-
-def _read_config(ck, directory, step):
-  s = step if step is not None else ck.latest_step()
-  if s is None:
-    raise CheckpointError(f'no checkpoint found under {directory}')
-  cfg_json = ck.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  return s, config_from_json(cfg_json)
-
-
-def load_config(directory: str, step: int | None = None):
-  """The config of a checkpoint (of its newest step by default), no array read."""
-  ck = Checkpointer(directory, async_save=False)
-  try:
-    return _read_config(ck, directory, step)[1]
-  finally:
-    ck.close()
-
-
-def _flatcfg(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatcfg(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out

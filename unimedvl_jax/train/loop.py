@@ -28,7 +28,8 @@ from unimedvl_jax import profiling, sharding
 from unimedvl_jax.config import stage_plan, stage_train_config, validate
 from unimedvl_jax.data.locate import data_root
 from unimedvl_jax.train import step as step_lib
-from unimedvl_jax.train.checkpoint import Checkpointer, CheckpointError, config_to_json
+from unimedvl_jax.train.checkpoint import Checkpointer
+from unimedvl_jax.train.checkpoint_format import config_to_json
 from unimedvl_jax.train.workdir import WorkdirLock
 
 
