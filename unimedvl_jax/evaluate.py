@@ -63,7 +63,8 @@ def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None,
   """The CLI as a function (tests call it). Returns the report dict written to `out`."""
   import dataclasses
   from unimedvl_jax.eval import harness
-  from unimedvl_jax.eval.tasks import guess_root, load_samples
+  from unimedvl_jax.data.locate import jsonl_root
+  from unimedvl_jax.eval.tasks import load_samples
   from unimedvl_jax.infer import image as I
   from unimedvl_jax.infer.loading import load_checkpoint, load_tokenizer
   files = [f.strip() for f in (data or '').split(',') if f.strip()]
@@ -72,7 +73,7 @@ def run(checkpoint, data, out, *, root=None, max_samples=None, samples_dir=None,
   for f in files:
     if not os.path.isfile(f):
       raise FileNotFoundError(f'--data file {f!r} does not exist')
-  data_root = root or guess_root(files[0])
+  data_root = root or jsonl_root(files[0])
   cfg, model = load_checkpoint(checkpoint, config_path=config, use_ema=use_ema, int8=int8)
   tok = load_tokenizer(cfg, tokenizer, data_root)
   samples = load_samples(files, root, log=log)

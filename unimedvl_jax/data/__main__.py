@@ -68,21 +68,10 @@ def main(argv=None) -> int:
       from unimedvl_jax.config import load_config_file
       cfg = load_config_file(args.config, args.set)
     else:
-      import ast
-      from unimedvl_jax.config import ConfigError, validate
+      from unimedvl_jax.config import parse_override, set_field, validate
       cfg = builtin_config()
       for ov in args.set:
-        key, _, raw = ov.partition('=')
-        node, parts = cfg, key.removeprefix('config.').split('.')
-        for p in parts[:-1]:
-          if p not in node:
-            raise ConfigError(f'config.{key}: no such field')
-          node = node[p]
-        try:
-          value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-          value = raw
-        node[parts[-1]] = float(value) if isinstance(node[parts[-1]], float) else value
+        set_field(cfg, *parse_override(ov))
       validate(cfg)
     report = check(files, root=args.root, cfg=cfg, tokenizer=args.tokenizer,
                    tokenizer_kind=args.tokenizer_kind, fit_vocab=not args.config)

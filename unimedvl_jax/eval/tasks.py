@@ -1,7 +1,7 @@
 """The evaluated samples: read from JSONL, grouped by task, prepared as their training plan says.
 
-`load_samples` reads the JSONL files (bad lines logged and skipped; `guess_root` finds the data
-root); `task_key` / `task_kind` group them (`main_task_type/sub_task_type`; the metric kind);
+`load_samples` reads the JSONL files (bad lines logged and skipped; a file given without a root gets
+`data.locate.jsonl_root`'s); `task_key` / `task_kind` group them (`main_task_type/sub_task_type`; the metric kind);
 `prepare` turns a sample's training plan (data/plans.py) into a Program (the prompt = the plan's
 items before its first loss item, the steps = the loss items that follow) and its references.
 The rest reads what the metrics and baselines need off a sample: its first reply, its prompt,
@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from unimedvl_jax.data.locate import jsonl_root
 from unimedvl_jax.eval import baselines as B
 from unimedvl_jax.eval import metrics as M
 from unimedvl_jax.infer.runner import Item, Program, Runner
@@ -137,21 +138,6 @@ def is_closed(sample, reference: str) -> bool:
 
 # ------------------------------------------------------------------------------- reading
 
-def guess_root(jsonl_path: str) -> str:
-  """The data root of a JSONL file: the nearest ancestor holding a manifest.json (the embedded
-  synthetic layout root/{split}/{group}.jsonl), else the file's directory."""
-  d = os.path.dirname(os.path.abspath(jsonl_path))
-  cur = d
-  for _ in range(4):
-    if os.path.isfile(os.path.join(cur, 'manifest.json')):
-      return cur
-    parent = os.path.dirname(cur)
-    if parent == cur:
-      break
-    cur = parent
-  return d
-
-
 def load_samples(files: Sequence[str], root: str | None = None, log=print) -> list:
   """Samples of JSONL files (bad lines logged and skipped)."""
   from unimedvl_jax.data.jsonl import SampleError, iter_records
@@ -159,7 +145,7 @@ def load_samples(files: Sequence[str], root: str | None = None, log=print) -> li
   for f in files:
     if not os.path.isfile(f):
       raise FileNotFoundError(f'--data file {f!r} does not exist')
-    r = root or guess_root(f)
+    r = root or jsonl_root(f)
     bad = 0
     for rec in iter_records(f, r):
       if isinstance(rec, SampleError):

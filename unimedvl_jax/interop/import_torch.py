@@ -61,6 +61,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from unimedvl_jax.data.locate import CHECKPOINT_TOKENIZER_DIR
 from unimedvl_jax.interop.import_common import (ADAPTERS_FILE, MODEL_FILES, SIDECAR_CONFIG,
                                                 TOKENIZER_FILES, VAE_CKPT_CONFIG, VAE_FILE_NAME,
                                                 ImportReport, TorchImportError, read_json,
@@ -189,8 +190,9 @@ def import_folder(torch_dir: str, *, config_path: str | None = None,
     if 'tokenizer.json' in tok:
       cfg.data.tokenizer_kind = 'hf'
       where = os.path.abspath(out) if out else torch_dir
-      cfg.data.tokenizer_path = os.path.join(where, 'tokenizer', 'tokenizer.json')
-      report.note(f'tokenizer: {tok} go to {where}/tokenizer; data.tokenizer_kind=hf')
+      cfg.data.tokenizer_path = os.path.join(where, CHECKPOINT_TOKENIZER_DIR, 'tokenizer.json')
+      report.note(f'tokenizer: {tok} go to {where}/{CHECKPOINT_TOKENIZER_DIR}; '
+                  'data.tokenizer_kind=hf')
     mesh = None
     if shard:
       from unimedvl_jax import sharding as sh
@@ -235,9 +237,9 @@ def import_checkpoint(torch_dir: str, out: str, *, step: int = 0, save: bool = T
       for k, a in r.adapters.items():
         w.write(k, a)
   if r.tokenizer_files:
-    os.makedirs(os.path.join(out, 'tokenizer'), exist_ok=True)
+    os.makedirs(os.path.join(out, CHECKPOINT_TOKENIZER_DIR), exist_ok=True)
     for f in r.tokenizer_files:
-      shutil.copy2(os.path.join(r.torch_dir, f), os.path.join(out, 'tokenizer', f))
+      shutil.copy2(os.path.join(r.torch_dir, f), os.path.join(out, CHECKPOINT_TOKENIZER_DIR, f))
   write_file_atomic(os.path.join(out, 'import_report.json'),
                     json.dumps(r.report.to_json(), indent=1, default=str))
   return r.cfg, r.report
