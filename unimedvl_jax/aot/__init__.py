@@ -52,8 +52,10 @@ What the returned dict holds (all memory numbers are per chip):
                   with 1 and 2 decoder / ViT layers (also the CE loss in one chunk and no
                   micro-batch loop) and scaled linearly to the config's depth (aot/cost.py:
                   `per_layer`, `variants`; `bytes_accessed_per_chip`,
-                  `transcendentals_per_chip` the same way). `loops_counted_once` lists while
-                  loops the variants still hold (then the count is low). tests/scale/
+                  `transcendentals_per_chip` the same way; `cost_seconds` the variants'
+                  compiles; none of it when a variant runs out of memory, see `notes`).
+                  `loops_counted_once` lists while loops the variants still hold (then the
+                  count is low). tests/scale/
                   test_scale_aot.py checks the scaled count against cost_analysis of the fully
                   unrolled step. Remat recomputation is included in the compiled count
                   (hardware FLOPs), not in the analytic one (model FLOPs). `while_trip_counts`:
