@@ -11,8 +11,10 @@ up instead (reported as `batch.adjusted_from`; how the JSONs in benchmarks/aot/ 
 `adjusted_from` were made, before that was an explicit choice).
 
 One plan per process (libtpu and the compile stay isolated; wrap it in `timeout`). Writes the
-JSON of `unimedvl_jax.aot.plan` (see its docstring) plus the command line. `--reanalyze HLO`
-recomputes the FLOPs / collectives of a saved optimized HLO into an existing JSON (no compile).
+JSON of `unimedvl_jax.aot.plan` (see its docstring) plus the command line; its compiled FLOPs
+are cost_analysis of unrolled 1- and 2-layer variants scaled to the full depth (aot/cost.py: 3
+more, smaller compiles). `--reanalyze HLO` recomputes the collectives and while-loop trip counts
+of a saved optimized HLO into an existing JSON (no compile; the FLOPs need the variants).
 `--table DIR` prints the markdown table of benchmarks/RESULTS.md from every JSON in DIR.
 """
 
@@ -103,7 +105,7 @@ def main(argv):
     aot.update_from_hlo(r, text)
     with open(FLAGS.out, 'w') as f:
       json.dump(r, f, indent=1)
-    print(json.dumps({k: r[k] for k in ('flops', 'step_time', 'collectives')}, indent=1))
+    print(json.dumps({k: r.get(k) for k in ('flops', 'collectives')}, indent=1))
     return
   aot.prepare_env(FLAGS.topology)
   cmd = 'python ' + ' '.join(sys.argv)

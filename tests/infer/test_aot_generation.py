@@ -43,4 +43,6 @@ def test_plan_generation_tiny(tmp_path):
   assert total / 4 <= mem['weights_bytes'] < total, (total, mem)
   assert mem['argument_size_in_bytes'] >= mem['weights_bytes']
   assert 0 < mem['peak_memory_in_bytes'] <= r['hbm']['usable_bytes'] and r['fits'] is True
-  assert r['flops_per_chip'] > 0
+  # cost_analysis of the step: the prepared model runs its layers one by one (no loop to miss)
+  assert r['flops_per_chip'] > 0 and r['bytes_accessed_per_chip'] > 0
+  assert r['loops_counted_once'] == [], r['loops_counted_once']

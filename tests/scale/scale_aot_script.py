@@ -6,8 +6,9 @@
 Prints 'AOT_RESULT {json}' with
   plan     aot.plan() of a small tiny-config variant (2 decoder layers, 1 ViT layer, Pallas
            attention, fsdp over all chips) on TOPOLOGY
-  toy      the HLO FLOP counter on a scanned MLP (fwd+bwd) vs XLA's cost_analysis of the same
-           program unrolled, compiled for TOPOLOGY
+  toy      aot.scaled_cost (cost_analysis of 1- and 2-layer unrolled variants, scaled) of an
+           MLP's fwd+bwd vs cost_analysis of the same program unrolled and scanned, compiled
+           for TOPOLOGY
   oom      compile_or_oom() of a program whose output exceeds one chip's HBM
 """
 
@@ -43,20 +44,23 @@ def main():
     return jax.lax.scan(body, x, w)[0].sum()
 
   def loss_unrolled(w, x):
-    for i in range(n):
+    for i in range(w.shape[0]):
       x = jnp.tanh(x @ w[i])
     return x.sum()
-  args = (jax.ShapeDtypeStruct((n, d, d), jnp.float32, sharding=sh),
-          jax.ShapeDtypeStruct((128, d), jnp.float32, sharding=sh))
-  grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1)))
-  scanned = grad(loss).lower(*args).compile()
-  unrolled = grad(loss_unrolled).lower(*args).compile()
-  toy = {'hlo_scanned': aot.analyze_hlo(scanned.as_text())['flops'],
-         'hlo_unrolled': aot.analyze_hlo(unrolled.as_text())['flops'],
-         'xla_unrolled': float((unrolled.cost_analysis() or {}).get('flops', -1)),
+
+  def args(layers):
+    return (jax.ShapeDtypeStruct((layers, d, d), jnp.float32, sharding=sh),
+            jax.ShapeDtypeStruct((128, d), jnp.float32, sharding=sh))
+  grad = lambda f, layers: jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args(layers)).compile()
+
+  def variant_cost(layers):
+    compiled = grad(loss_unrolled, layers['mlp'])
+    return aot.cost_analysis(compiled), compiled.as_text()
+  scaled = aot.scaled_cost(variant_cost, {'mlp': n})
+  toy = {'scaled': scaled['flops'], 'loops_counted_once': scaled['loops_counted_once'],
+         'xla_unrolled': aot.cost_analysis(grad(loss_unrolled, n))['flops'],
+         'xla_scanned': aot.cost_analysis(grad(loss, n))['flops'],
          'matmul_flops': 3 * 2 * 128 * d * d * n}
-  c = scanned.cost_analysis()
-  toy['xla_scanned'] = float((c[0] if isinstance(c, (list, tuple)) else c).get('flops', -1))
 
   big = jax.jit(lambda: jnp.ones((5, 1 << 30), jnp.float32), out_shardings=sh)
   compiled, oom = aot.compile_or_oom(big.lower())

@@ -36,8 +36,8 @@ def test_parse_topology():
 
 
 def test_analyze_hlo_counts_loops_and_collectives():
-  """The HLO counter on a hand-written module: a while loop of 7 trips around a dot and an
-  all-gather; the trip count comes from the condition (counter < 7, counter from 0)."""
+  """The collective counter on a hand-written module: a while loop of 7 trips around a dot and
+  an all-gather; the trip count comes from the condition (counter < 7, counter from 0)."""
   from unimedvl_jax import aot
   text = '''HloModule m
 
@@ -71,10 +71,66 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
 '''
   r = aot.analyze_hlo(text)
   assert r['while_trip_counts'] == [7] and r['unknown_trip_counts'] == 0
-  assert r['flops'] == 7 * 2 * 8 * 16 * 16
+  assert r['while_loops'] == [{'trips': 7, 'op_name': '', 'float': True}]
   assert r['collectives']['static']['all-gather'] == 1
   assert r['collectives']['per_step']['all-gather'] == 7
   assert r['collectives']['per_step']['all-reduce'] == 1
+
+
+def _tiny_cost_setup():
+  """configs/tiny.py on one CPU device, with small packs (128 tokens, VAE latents from the
+  cache: no VAE encoder in the step) and the reference attention (no attention loop)."""
+  import jax
+  from unimedvl_jax import sharding
+  from unimedvl_jax.config import load_config_file, stage_train_config
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), [
+      'data.batch_size=1', 'mesh.data=1', 'model.attention_impl=xla', 'data.seq_len=128',
+      'data.max_sample_tokens=128', 'data.max_latent_tokens=16', 'data.max_vit_patches=64',
+      'data.max_label_tokens=64', 'data.max_vae_images=2', 'data.vae_buckets=((32,32,2),)',
+      'data.latent_cache=/latents'])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  return cfg, stage_train_config(cfg, 'foundation'), mesh, sharding.Rules.from_config(cfg)
+
+
+def _full_unrolled_cost(cfg, tc, mesh, rules, lower_only):
+  from unimedvl_jax.aot import cost_analysis
+  from unimedvl_jax.aot.train_plan import lower_train_step, unrolled_variant
+  v, tv = unrolled_variant(cfg, tc, {'llm': cfg.model.llm.num_layers,
+                                     'vit': cfg.model.vit.num_layers})
+  lowered = lower_train_step(v, tv, mesh, rules)[0]
+  return cost_analysis(lowered if lower_only else lowered.compile())
+
+
+def _check_scaled_cost(lower_only):
+  from unimedvl_jax.aot.train_plan import train_step_cost
+  cfg, tc, mesh, rules = _tiny_cost_setup()
+  assert (cfg.model.llm.num_layers, cfg.model.vit.num_layers) == (4, 2)
+  est = train_step_cost(cfg, tc, mesh, rules, lower_only=lower_only)
+  full = _full_unrolled_cost(cfg, tc, mesh, rules, lower_only)
+  assert set(est['variants']) == {'llm=1,vit=1', 'llm=2,vit=1', 'llm=1,vit=2'}
+  assert est['loops_counted_once'] == [], est['loops_counted_once']
+  assert est['per_layer']['llm']['flops'] > est['per_layer']['vit']['flops'] > 0
+  # the fully unrolled program adds each layer's gradient into the whole [L, ...] stack (the
+  # transpose of slicing layer i): a term quadratic in L of parameter size, which the scanned
+  # step does not have and the linear scaling leaves out (0.25% of the FLOPs here)
+  assert abs(est['flops'] - full['flops']) <= 0.01 * full['flops'], (est, full)
+  assert abs(est['transcendentals'] - full['transcendentals']) <= 1e-3 * full['transcendentals']
+  assert abs(est['bytes_accessed'] - full['bytes_accessed']) <= 0.03 * full['bytes_accessed']
+  # the scan counts its body once: the 1-layer variant is far below the full step
+  assert est['variants']['llm=1,vit=1']['flops'] < 0.7 * full['flops']
+
+
+def test_scaled_cost_matches_fully_unrolled_step_lowered():
+  """cost.scaled_cost via train_plan.train_step_cost on configs/tiny.py (4 decoder and 2 ViT
+  layers, CPU): the 1- and 2-layer unrolled variants scaled linearly equal cost_analysis of the
+  whole unrolled training step, on the lowered programs (fast: no XLA compile)."""
+  _check_scaled_cost(lower_only=True)
+
+
+@pytest.mark.slow
+def test_scaled_cost_matches_fully_unrolled_step_compiled():
+  """The same on the compiled (optimized) CPU programs: XLA's fusion keeps the layers linear."""
+  _check_scaled_cost(lower_only=False)
 
 
 @pytest.fixture(scope='module')
@@ -106,7 +162,13 @@ def test_plan_small_config(aot_result):
   fl = r['flops']
   assert fl['unknown_trip_counts'] == 0
   assert 2 in fl['while_trip_counts']            # the 2 scanned decoder layers
-  assert fl['compiled_custom_calls_per_chip'] > 0  # Mosaic flash attention (CostEstimate)
+  # cost_analysis of the unrolled 1- and 2-decoder-layer variants (1 ViT layer: no ViT variant),
+  # with nothing left in a loop; it counts the Mosaic kernels' CostEstimate
+  # (tests/kernels/test_flash_attention_tpu_aot.py)
+  assert set(fl['variants']) == {'llm=1,vit=1', 'llm=2,vit=1'}, fl['variants']
+  assert fl['loops_counted_once'] == [] and fl['per_layer']['llm']['flops'] > 0
+  assert fl['compiled_per_chip'] > fl['xla_cost_analysis_raw']   # the scan's body counted once
+  assert fl['bytes_accessed_per_chip'] > 0
   # compiled (incl. padding blocks, the frozen VAE's convs, remat none) vs analytic model FLOPs
   assert 0.7 < fl['compiled_over_analytic'] < 3.0, fl
   assert fl['xla_cost_analysis_raw'] > 0
@@ -117,13 +179,14 @@ def test_plan_small_config(aot_result):
 
 
 @pytest.mark.slow
-def test_hlo_flops_match_unrolled_cost_analysis(aot_result):
-  """XLA's cost_analysis counts a scanned body once; the HLO counter multiplies by the trip count
-  and so equals cost_analysis of the unrolled program (and both equal the matmul FLOPs)."""
+def test_scaled_cost_matches_unrolled_cost_analysis(aot_result):
+  """XLA:TPU's cost_analysis counts a scanned body once; cost.scaled_cost (1- and 2-layer
+  unrolled variants, scaled linearly) equals cost_analysis of the unrolled program (and both
+  the matmul FLOPs)."""
   t = aot_result['toy']
-  assert abs(t['hlo_scanned'] - t['xla_unrolled']) <= 0.01 * t['xla_unrolled'], t
-  assert abs(t['hlo_unrolled'] - t['xla_unrolled']) <= 0.01 * t['xla_unrolled'], t
-  assert abs(t['hlo_scanned'] - t['matmul_flops']) <= 0.01 * t['matmul_flops'], t
+  assert abs(t['scaled'] - t['xla_unrolled']) <= 0.01 * t['xla_unrolled'], t
+  assert abs(t['scaled'] - t['matmul_flops']) <= 0.01 * t['matmul_flops'], t
+  assert t['loops_counted_once'] == [], t
   assert t['xla_scanned'] < 0.5 * t['xla_unrolled'], t     # the raw count misses the trips
 
 

@@ -1,10 +1,18 @@
-"""Statistics of optimized HLO text: matmul / convolution / Mosaic-kernel FLOPs and collective
-counts, each weighted by the trip counts of the while loops around it (`analyze_hlo`)."""
+"""Collective counts of optimized HLO text, weighted by the trip counts of the while loops around
+them (`analyze_hlo`), and those trip counts.
+
+FLOPs and bytes are NOT counted here: they come from XLA's cost_analysis of unrolled 1- and
+2-layer variants of the step, scaled to the full depth (aot/cost.py). What cost_analysis cannot
+give is kept: the collectives by kind (all-gather, reduce-scatter, all-reduce, all-to-all,
+collective-permute) in the program (`static`) and per step (`per_step`, each weighted by the
+multiplicity of its computation: the trip counts of the scanned layers, micro-batches, chunked
+loops around it), and the trip counts of the while loops (cost.py reports those left in a
+variant, which cost_analysis counts once).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any
 
@@ -12,8 +20,9 @@ from typing import Any
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 
-_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$')
-_SHAPE = re.compile(r'^\(?([a-z]+\d*)\[([\d,]*)\]')
+# a computation's first line: '[ENTRY ]%name (params) -> type {' (compiled), 'name {' (lowered)
+_FLOAT = re.compile(r'\b(?:f\d+|bf16|f8\w*)\[')
+_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->\s*.*)?\{\s*$')
 
 
 def _split_type(s: str) -> tuple[str, str]:
@@ -28,13 +37,6 @@ def _split_type(s: str) -> tuple[str, str]:
         return s[:i + 1], s[i + 1:].lstrip()
   i = s.find(' ')
   return s[:i], s[i + 1:].lstrip()
-
-
-def _dims(shape_text: str) -> list[int] | None:
-  m = _SHAPE.match(shape_text.strip())
-  if not m:
-    return None
-  return [int(x) for x in m.group(2).split(',') if x]
 
 
 def _split_top(args: str) -> list[str]:
@@ -76,98 +78,8 @@ class _Instr:
   root: bool = False
 
 
-def _operand_dims(operand: str, shapes: dict[str, str]) -> list[int] | None:
-  d = _dims(operand)                       # printed inline: 'f32[4,8]{1,0} %a'
-  if d is not None:
-    return d
-  name = operand.split()[-1].lstrip('%') if operand.split() else ''
-  return _dims(shapes[name]) if name in shapes else None
-
-
-def _window(attrs: str, n: int) -> list[dict[str, int]]:
-  m = re.search(r'window=\{([^}]*)\}', attrs)
-  dims = [dict(size=1, stride=1, lo=0, hi=0, lhs=1, rhs=1) for _ in range(n)]
-  if not m:
-    return dims
-  for part in m.group(1).split():
-    key, _, val = part.partition('=')
-    vals = val.split('x')
-    for i, v in enumerate(vals[:n]):
-      if key == 'size':
-        dims[i]['size'] = int(v)
-      elif key == 'stride':
-        dims[i]['stride'] = int(v)
-      elif key == 'pad':
-        lo, hi = v.split('_')
-        dims[i]['lo'], dims[i]['hi'] = int(lo), int(hi)
-      elif key == 'lhs_dilate':
-        dims[i]['lhs'] = int(v)
-      elif key == 'rhs_dilate':
-        dims[i]['rhs'] = int(v)
-  return dims
-
-
-def _valid_positions(inp: int, ker: int, out: int, w: dict[str, int]) -> int:
-  """Valid (output, kernel) position pairs of one spatial dim (XLA HloCostAnalysis rule)."""
-  import numpy as np
-  if (inp == out and ker == out and inp == w['lhs'] and w['rhs'] == 1
-      and max(1, inp - 1) == w['stride'] and w['lo'] == 0 and w['hi'] == 0):
-    return inp
-  if (inp == 1 and ker == out and w['rhs'] == 1 and w['lhs'] == 1 and w['stride'] == 1
-      and w['lo'] == out - 1 and w['hi'] == out - 1):
-    return out
-  o = np.arange(out, dtype=np.int64) * w['stride'] - w['lo']
-  total = 0
-  for k in range(ker):
-    u = o + k * w['rhs']
-    ok = (u % w['lhs'] == 0)
-    li = u // w['lhs']
-    total += int(np.sum(ok & (li >= 0) & (li < inp)))
-  return total
-
-
-def _conv_flops(ins: _Instr, shapes: dict[str, str]) -> float:
-  out = _dims(ins.out)
-  if out is None or len(ins.operands) < 2:
-    return 0.0
-  lhs = _operand_dims(ins.operands[0], shapes)
-  rhs = _operand_dims(ins.operands[1], shapes)
-  m = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', ins.attrs)
-  if lhs is None or rhs is None or not m:
-    return 0.0
-  ll, rl, ol = m.groups()
-  spatial = sorted({c for c in ll if c.isdigit()})
-  w = _window(ins.attrs, len(spatial))
-  fg = re.search(r'feature_group_count=(\d+)', ins.attrs)
-  bg = re.search(r'batch_group_count=(\d+)', ins.attrs)
-  fg = int(fg.group(1)) if fg else 1
-  bg = int(bg.group(1)) if bg else 1
-  fma = (lhs[ll.index('f')] // fg) * out[ol.index('f')] * (lhs[ll.index('b')] // bg)
-  for i, c in enumerate(spatial):
-    fma *= _valid_positions(lhs[ll.index(c)], rhs[rl.index(c)], out[ol.index(c)], w[i])
-  return 2.0 * fma
-
-
-def _instr_flops(ins: _Instr, shapes: dict[str, str]) -> float:
-  if ins.op == 'dot':
-    out = _dims(ins.out)
-    lhs = _operand_dims(ins.operands[0], shapes) if ins.operands else None
-    m = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', ins.attrs)
-    if out is None or lhs is None:
-      return 0.0
-    contract = [int(x) for x in m.group(1).split(',') if x] if m else []
-    return 2.0 * math.prod(out) * math.prod(lhs[c] for c in contract)
-  if ins.op == 'convolution':
-    return _conv_flops(ins, shapes)
-  if ins.op == 'custom-call':
-    m = re.search(r'cost_estimate\\?"\s*:\s*\{\s*\\?"flops\\?"\s*:\s*\\?"?(\d+)', ins.attrs)
-    return float(m.group(1)) if m else 0.0
-  return 0.0
-
-
 def _parse_hlo(text: str):
   comps: dict[str, list[_Instr]] = {}
-  shapes: dict[str, str] = {}
   entry = None
   cur = None
   for line in text.splitlines():
@@ -198,11 +110,10 @@ def _parse_hlo(text: str):
     if not mo:
       continue
     args, attrs = _call_args(rest)
-    shapes[name] = out_type
     comps[cur].append(_Instr(name, mo.group(1), out_type, _split_top(args), attrs, is_root))
   if entry is None:
     raise ValueError('no ENTRY computation in the HLO text')
-  return comps, shapes, entry
+  return comps, entry
 
 
 def _trip_count(ins: _Instr, comps, by_name) -> int | None:
@@ -284,20 +195,21 @@ def _counter_step(ins: _Instr, comps, by_name, idx: int | None) -> int | None:
 
 
 def analyze_hlo(text: str, *, breakdown: bool = False) -> dict[str, Any]:
-  """Optimized HLO text -> matmul FLOPs and collective counts, weighted by loop trip counts.
+  """Optimized HLO text -> collective counts weighted by loop trip counts, and the trip counts.
 
   Every computation's multiplicity is the sum over its call sites of the caller's multiplicity
   times the trip count for `while` bodies/conditions (XLA's `known_trip_count`, else the
   `counter < N` pattern of the condition; 1 and counted in `unknown_trip_counts` otherwise) and
-  1 for fusions, calls, conditionals and async wrappers. FLOPs follow XLA's HloCostAnalysis for
-  dot and convolution (2 per multiply-add, only valid window positions), and each Mosaic
-  kernel's CostEstimate for TPU custom calls.
+  1 for fusions, calls, conditionals and async wrappers. `while_loops`: each loop's trip count,
+  jax op name and whether its carry holds floating-point values (`float`). breakdown: also
+  `collectives_by_op` (per-step counts by kind and op name).
   """
-  comps, shapes, entry = _parse_hlo(text)
+  comps, entry = _parse_hlo(text)
   by_name = {i.name: i for instrs in comps.values() for i in instrs}
   edges: dict[str, list[tuple[str, float]]] = {c: [] for c in comps}
   unknown = 0
   trips = []
+  loops = []
   for c, instrs in comps.items():
     for ins in instrs:
       if ins.op == 'while':
@@ -306,6 +218,9 @@ def analyze_hlo(text: str, *, breakdown: bool = False) -> dict[str, Any]:
           unknown += 1
           n = 1
         trips.append(n)
+        m = re.search(r'op_name="([^"]*)"', ins.attrs)
+        loops.append({'trips': n, 'op_name': m.group(1) if m else '',
+                      'float': bool(_FLOAT.search(ins.out))})
         for key in ('body', 'condition'):
           mm = re.search(rf'{key}=%?([\w.\-]+)', ins.attrs)
           if mm and mm.group(1) in comps:
@@ -340,9 +255,6 @@ def analyze_hlo(text: str, *, breakdown: bool = False) -> dict[str, Any]:
     for d, n in edges.get(c, ()):
       mult[d] += mult[c] * n
 
-  flops = 0.0
-  flops_custom = 0.0
-  by_op: dict[str, float] | None = {} if breakdown else None
   coll_by_op: dict[str, float] = {}
   static = {k: 0 for k in COLLECTIVES}
   per_step = {k: 0.0 for k in COLLECTIVES}
@@ -351,28 +263,18 @@ def analyze_hlo(text: str, *, breakdown: bool = False) -> dict[str, Any]:
     for ins in instrs:
       op = ins.op
       base = op[:-6] if op.endswith('-start') else op
-      if base in static and not op.endswith('-done'):
-        static[base] += 1
-        per_step[base] += w
-      if w:
-        f = _instr_flops(ins, shapes)
-        if op == 'custom-call':
-          flops_custom += w * f
-        flops += w * f
-        if f and by_op is not None:
-          m = re.search(r'op_name="([^"]*)"', ins.attrs)
-          key = _op_key(m.group(1) if m else f'<{op}>')
-          by_op[key] = by_op.get(key, 0.0) + w * f
-        if base in static and by_op is not None and not op.endswith('-done'):
-          m = re.search(r'op_name="([^"]*)"', ins.attrs)
-          key = f'{base} @ {_op_key(m.group(1)) if m else "?"}'
-          coll_by_op[key] = coll_by_op.get(key, 0.0) + w
-  out = {'flops': flops, 'flops_custom_calls': flops_custom,
-          'collectives': {'static': static, 'per_step': {k: int(v) for k, v in per_step.items()}},
-          'while_trip_counts': sorted(trips), 'unknown_trip_counts': unknown,
-          'computations': len(comps)}
-  if by_op is not None:
-    out['flops_by_op'] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+      if base not in static or op.endswith('-done'):
+        continue
+      static[base] += 1
+      per_step[base] += w
+      if breakdown and w:
+        m = re.search(r'op_name="([^"]*)"', ins.attrs)
+        key = f'{base} @ {_op_key(m.group(1)) if m else "?"}'
+        coll_by_op[key] = coll_by_op.get(key, 0.0) + w
+  out = {'collectives': {'static': static, 'per_step': {k: int(v) for k, v in per_step.items()}},
+         'while_trip_counts': sorted(trips), 'while_loops': loops,
+         'unknown_trip_counts': unknown, 'computations': len(comps)}
+  if breakdown:
     out['collectives_by_op'] = dict(sorted(coll_by_op.items(), key=lambda kv: -kv[1]))
   return out
 
