@@ -150,7 +150,7 @@ def bench_config(name, iters, prompt_len, new_tokens, steps, peak):
   from unimedvl_jax.model.vae import unpatchify
   dec = jax.jit(lambda st, t: C.merge(graphdef, st).vae.decode(
       unpatchify(t, g, g, cfg.model.latent_patch_size, cfg.model.vae.z_channels)))
-  vae_flops = profiling.compiled_cost(
+  vae_flops = profiling.cost_analysis(
       dec.lower(state, jnp.zeros((1, L, 64), jnp.float32)).compile())['flops']
   img_flops = per_call * gen_calls + vae_flops
   out['image'] = dict(size=[S, S], latent_tokens=L, steps=steps, model_calls=gen_calls,

@@ -119,7 +119,7 @@ def compiled_flops(cfg, B: int, U: int, L: int, routing: str = 'streams', grad: 
   else:
     f = jax.jit(fwd)
   comp = f.lower(params, x_u, x_g, perm, pos).compile()
-  return profiling.compiled_cost(comp)['flops']
+  return profiling.cost_analysis(comp)['flops']
 
 
 def check(cfg, B: int, U: int, L: int, grad: bool = False) -> dict:

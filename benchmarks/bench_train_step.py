@@ -248,7 +248,7 @@ def bench(args) -> dict:
   t2 = time.perf_counter()
   out['lower_s'] = round(t1 - t0, 2)
   out['compile_s'] = round(t2 - t1, 2)
-  out['cost_analysis_scanned'] = profiling.compiled_cost(compiled)
+  out['cost_analysis_scanned'] = profiling.cost_analysis(compiled)
   out['memory_analysis'] = profiling.compiled_memory(compiled)
   hlo_text = compiled.as_text() if (args.dump_hlo or args.profile) else None
   if args.dump_hlo:

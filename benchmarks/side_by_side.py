@@ -273,7 +273,7 @@ def compiled_flops(cfg, batch, tc, mesh, spec) -> dict:
   t0 = time.perf_counter()
   comp = jitted.lower(abstract, b_abs).compile()
   out = {'unrolled_compile_s': round(time.perf_counter() - t0, 1),
-         'cost_analysis_flops': profiling.compiled_cost(comp)['flops']}
+         'cost_analysis_flops': profiling.cost_analysis(comp)['flops']}
   extra = 0.0
   if resolve_impl(cfg.model.attention_impl) == 'blocked':
     m, blk = cfg.model, int(cfg.model.attention_block)

@@ -280,13 +280,19 @@ def peak_memory_bytes() -> int | None:
     return None
 
 
-def compiled_cost(compiled) -> dict[str, Any]:
-  """FLOPs / bytes from XLA's cost analysis of a compiled executable (a scanned body counts once)."""
-  ca = compiled.cost_analysis()
+COST_KEYS = {'flops': 'flops', 'bytes accessed': 'bytes_accessed',
+             'transcendentals': 'transcendentals'}
+
+
+def cost_analysis(executable) -> dict[str, float]:
+  """The COST_KEYS of `executable.cost_analysis()` (a jax Compiled or Lowered; a dict, or a
+  one-element list on older jax); a scanned layer body counts once (aot.cost scales unrolled
+  variants)."""
+  ca = executable.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   ca = ca or {}
-  return {'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0))}
+  return {name: float(ca.get(key, 0.0)) for key, name in COST_KEYS.items()}
 
 
 def compiled_memory(compiled) -> dict[str, int]:

@@ -64,7 +64,7 @@ def _meta():
 
 
 def _flops(fn, *args) -> float:
-  return profiling.compiled_cost(jax.jit(fn).lower(*args).compile())['flops']
+  return profiling.cost_analysis(jax.jit(fn).lower(*args).compile())['flops']
 
 
 def test_mot_layer_flops_are_one_expert_per_token(setup):

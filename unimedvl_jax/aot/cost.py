@@ -23,22 +23,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from unimedvl_jax.aot.hlo_stats import analyze_hlo
+from unimedvl_jax.profiling import COST_KEYS, cost_analysis  # noqa: F401  (re-exported)
 
 # cost_analysis keys scaled, and their names in the result
-COST_KEYS = {'flops': 'flops', 'bytes accessed': 'bytes_accessed',
-             'transcendentals': 'transcendentals'}
-
-
-def cost_analysis(executable) -> dict[str, float]:
-  """The COST_KEYS of `executable.cost_analysis()` (a jax Compiled or Lowered; a dict, or a
-  one-element list on older jax)."""
-  ca = executable.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  ca = ca or {}
-  return {name: float(ca.get(key, 0.0)) for key, name in COST_KEYS.items()}
-
-
 def scaled_cost(variant_cost: Callable[[dict[str, int]], tuple[dict[str, float], str] | None],
                 layers: dict[str, int]) -> dict[str, Any] | None:
   """Scaled cost_analysis of a step with layer stacks `layers` ({stack: L}, e.g. {'llm': 28,
