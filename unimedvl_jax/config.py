@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 
 import ml_collections
+from collections.abc import Mapping
+
 from ml_collections import ConfigDict
 
 
@@ -644,6 +646,18 @@ def set_field(cfg: ConfigDict, key: str, value) -> None:
   if parts[-1] not in node:
     raise ConfigError(f'config.{key}: no such field')
   assign(node, parts[-1], value, key)
+
+
+def flat_fields(d, prefix: str = '') -> dict:
+  """A nested mapping (a config's `to_dict()` or its JSON) as {'a.b.c': leaf value}: the dotted
+  field names `set_field` / `parse_override` use."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flat_fields(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
 
 
 def parse_override(override: str) -> tuple[str, object]:

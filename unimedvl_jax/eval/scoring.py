@@ -196,6 +196,17 @@ def vqa_metrics(preps, preds, seed, pool=None, key=None) -> dict:
   return res
 
 
+def _baseline_scores(preps, preds, n_pool: int, pool, seed) -> dict:
+  """A text baseline's predictions scored as the model's are (mean text metrics, findings), with
+  its training pool."""
+  refs = [p.ref_texts[0] for p in preps]
+  out = {k: (v if not isinstance(v, dict) else v['mean'])
+         for k, v in text_metrics(preds, refs, seed).items()}
+  out['findings'] = finding_metrics(preps, preds)
+  out['pool'] = dict(n=n_pool, source=pool.description)
+  return out
+
+
 def modality_template_baseline(preps, pool, key, seed) -> dict | None:
   """Report / caption: each evaluated sample gets its modality's template, the training text of
   the same modality (meta.modality: the true one, which favours the baseline) and prompt with
@@ -206,11 +217,7 @@ def modality_template_baseline(preps, pool, key, seed) -> dict | None:
   if not texts:
     return None
   preds = B.template_by_group([template_group(p.sample) for p in preps], groups, texts)
-  refs = [p.ref_texts[0] for p in preps]
-  out = {k: (v if not isinstance(v, dict) else v['mean'])
-         for k, v in text_metrics(preds, refs, seed).items()}
-  out['findings'] = finding_metrics(preps, preds)
-  out['pool'] = dict(n=len(texts), source=pool.description)
+  out = _baseline_scores(preps, preds, len(texts), pool, seed)
   out['definition'] = ('the modality template: the training text of the same modality (true '
                        'label) and prompt with the highest mean ROUGE-L to the others (medoid '
                        'of the first 40 in file order); knows the kind of image, not its '
@@ -230,11 +237,7 @@ def nearest_template_baseline(preps, pool, key, seed) -> dict | None:
   feats, keys, texts = tpl
   q = np.stack([B.thumb_feature(p.input_image) for p in preps])
   preds = B.nearest_template(q, [prompt_key(p.sample) for p in preps], feats, keys, texts)
-  refs = [p.ref_texts[0] for p in preps]
-  out = {k: (v if not isinstance(v, dict) else v['mean'])
-         for k, v in text_metrics(preds, refs, seed).items()}
-  out['findings'] = finding_metrics(preps, preds)
-  out['pool'] = dict(n=len(texts), source=pool.description)
+  out = _baseline_scores(preps, preds, len(texts), pool, seed)
   out['definition'] = ('the reference text of the training sample (same task, same prompt when '
                        'one exists) whose image is nearest by an 8x8 RGB box thumbnail (L2)')
   return out

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from unimedvl_jax.batch import vae_downsample
+from unimedvl_jax.config import flat_fields
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.import_common import (ADAPTERS_FILE, SIDECAR_CONFIG, VAE_META_PREFIX,
                                                 VAE_SETTINGS, ImportReport, TorchImportError,
@@ -35,16 +36,6 @@ def _req(d: Mapping, key: str, where: str):
   if key not in d:
     raise TorchImportError(f'{where}: field {key!r} is missing')
   return d[key]
-
-
-def _flat(d: Mapping, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 # ---------------------------------------------------------------------- base config, overrides
@@ -86,8 +77,8 @@ def base_config(config_path, sidecar, report, torch_dir):
       base = load_config_file(config_path)
     except (ConfigError, FileNotFoundError) as e:
       raise TorchImportError(f'--config {config_path}: {e}') from None
-    defaults = _flat(default_config().to_dict())
-    for k, v in _flat(base.to_dict()).items():
+    defaults = flat_fields(default_config().to_dict())
+    for k, v in flat_fields(base.to_dict()).items():
       if k.startswith('data.') and defaults.get(k, object()) != v:
         explicit[k] = f'--config {config_path}'
     if sidecar is not None:
@@ -446,7 +437,7 @@ def derive_config(base_cfg, llm_json: Mapping, vit_json: Mapping | None, model_s
       report.note(f'{name} is {dn}: stored as {m.param_dtype} (pass --dtype to choose)')
   report.param_dtype = m.param_dtype
   # a --set model field the files contradict
-  final = _flat(cfg.to_dict())
+  final = flat_fields(cfg.to_dict())
   for key, value in set_values.items():
     if not key.startswith('model.') or key in RUN_FIELDS or key == 'model.param_dtype':
       continue

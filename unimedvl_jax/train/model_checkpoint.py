@@ -63,14 +63,15 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
 
   With `cfg` given, the checkpoint's config must describe the same model (else CheckpointError).
   """
+  from unimedvl_jax.config import flat_fields
   from unimedvl_jax.model.unimedvl import abstract_model
   ck = Checkpointer(directory, async_save=False)
   s, ck_cfg = _read_config(ck, directory, step)
   if cfg is not None:
     a, b = config_to_json(cfg)['model'], config_to_json(ck_cfg)['model']
     if a != b:
-      diff = sorted(k for k in set(_flatcfg(a)) | set(_flatcfg(b))
-                    if _flatcfg(a).get(k) != _flatcfg(b).get(k))
+      fa, fb = flat_fields(a), flat_fields(b)
+      diff = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
       raise CheckpointError(f'checkpoint {directory} (step {s}) was written for a different model: '
                             f'fields differ: {diff[:20]}')
   abstract = abstract_model(ck_cfg.model)
@@ -101,13 +102,3 @@ def load_config(directory: str, step: int | None = None):
     return _read_config(ck, directory, step)[1]
   finally:
     ck.close()
-
-
-def _flatcfg(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatcfg(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
