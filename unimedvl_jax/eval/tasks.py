@@ -69,22 +69,12 @@ def prepare(runner: Runner, sample, geom, tokenizer, blank_inputs: bool = False)
   pixels, after the training resize rules) is replaced by a constant grey (128) image of the
   same size; texts, references and targets are unchanged."""
   from unimedvl_jax.data import images as imlib
-  from unimedvl_jax.data.plans import materialize, plan_sample
+  from unimedvl_jax.data.plans import materialize, plan_sample, prompt_items
   items = materialize(plan_sample(sample), tokenizer, geom, sample, for_training=False)
-  first = next(i for i, it in enumerate(items) if it.loss)
-  prompt, steps, ref_texts, ref_images = [], [], [], []
-  blank = B.blank_like if blank_inputs else (lambda x: x)
-  for it in items[:first]:
-    if it.kind == 'text':
-      prompt.append(Item.text(it.ids))
-    elif it.kind == 'vit':
-      prompt.append(Item('vit', patches=imlib.to_unit_range(blank(it.patches)),
-                         grid=tuple(it.grid)))
-    else:
-      from unimedvl_jax.infer.context import encode_vae_tokens
-      tok, grid = encode_vae_tokens(runner.model, imlib.to_unit_range(blank(it.pixels)))
-      prompt.append(Item('vae', tokens=tok, grid=grid))
-  for it in items[first:]:
+  head = prompt_items(items)
+  prompt = runner.prompt(head, blank=B.blank_like if blank_inputs else None)
+  steps, ref_texts, ref_images = [], [], []
+  for it in items[len(head):]:
     if not it.loss:
       break
     if it.kind == 'text':

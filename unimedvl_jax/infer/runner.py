@@ -104,19 +104,30 @@ class Runner:
     self.vae_rule = geom.vae_rule
 
   # ----------------------------------------------------------------------------- items
-  def prompt(self, plan: Sequence[plans.PlanItem]) -> list[Item]:
-    """Prompt plan items (`plans.prompt_plan`; images: uint8 [H, W, 3] arrays) -> Items: text
-    encoded, ViT / VAE images preprocessed by the training resize rules (vit / vae below)."""
+  def prompt(self, plan: Sequence[plans.PlanItem], blank=None) -> list[Item]:
+    """Prompt plan items -> Items, the one conversion of a prompt plan for inference. Items are
+    either written (`plans.prompt_plan`: text strings, uint8 [H, W, 3] images, resized here by
+    the training rules, vit / vae below) or materialized (`plans.materialize`, as the evaluation
+    prepares dataset samples: ids, ViT patches and VAE pixels already resized, uint8 range).
+    blank: a function applied to every image first (the image-conditioning ablation)."""
+    from unimedvl_jax.data import images as imlib
+    blank = blank or (lambda x: x)
     out = []
     for it in plan:
       if it.loss or it.noised:
         raise ValueError(f'a prompt holds no loss item and no noised target, got {it.describe()}')
       if it.kind == 'text':
-        out.append(self.text(it.text))
+        out.append(Item.text(it.ids) if it.ids is not None else self.text(it.text))
       elif it.kind == 'vit':
-        out.append(self.vit(it.image))
+        out.append(Item('vit', patches=imlib.to_unit_range(blank(it.patches)),
+                        grid=tuple(it.grid)) if it.patches is not None
+                   else self.vit(blank(it.image)))
       elif it.kind == 'vae':
-        out.append(self.vae(it.image))
+        if it.pixels is not None:
+          tokens, grid = C.encode_vae_tokens(self.model, imlib.to_unit_range(blank(it.pixels)))
+          out.append(Item('vae', tokens=tokens, grid=grid))
+        else:
+          out.append(self.vae(blank(it.image)))
       else:
         raise ValueError(f'unknown item kind {it.kind!r}')
     return out

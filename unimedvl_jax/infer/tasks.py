@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from unimedvl_jax.data import plans
-from unimedvl_jax.data.synthetic.common import VQA_SUFFIX  # the training data's VQA prompt suffix
+from unimedvl_jax.data.synthetic.common import VQA_SUFFIX, vqa_prompt  # the datasets' VQA prompt
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
 from unimedvl_jax.infer.runner import Program, Runner, run_programs
@@ -87,13 +87,6 @@ def understanding_program(runner: Runner, images, prompt: str, *, think: bool = 
   items = prompt_items(runner, 'understanding', prompt, _images_list(images),
                        system=THINK_VLM_SYSTEM if think else None)
   return Program(items, ['text'])
-
-
-def vqa_prompt(question: str, suffix: str = VQA_SUFFIX) -> str:
-  """`<image>\\n{question}\\n{suffix}`, as the training data writes VQA prompts (the question's
-  own placeholders kept; the suffix not repeated)."""
-  p = question if IMAGE_PLACEHOLDER in question else f'{IMAGE_PLACEHOLDER}\n{question}'
-  return f'{p}\n{suffix}' if suffix and suffix not in p else p
 
 
 def image_to_text(model, tokenizer, cfg, images, prompts: Sequence[str], *,

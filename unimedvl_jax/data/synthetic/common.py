@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from unimedvl_jax.data import truth
+from unimedvl_jax.data.plans import IMAGE_PLACEHOLDER
 
 GENERATOR = 'unimedvl_jax.data.synthetic'   # the manifest's `generator`: marks our datasets
 GENERATOR_VERSION = '1'
@@ -21,6 +22,14 @@ GROUP_TASKS = {
 }
 MODALITIES = truth.MODALITIES
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
+
+
+def vqa_prompt(question: str, suffix: str = VQA_SUFFIX) -> str:
+  """The VQA prompt as the datasets write it (the generator, the real samples and inference):
+  `<image>\\n{question}\\n{suffix}` (a question's own placeholders kept; the suffix not
+  repeated)."""
+  p = question if IMAGE_PLACEHOLDER in question else f'{IMAGE_PLACEHOLDER}\n{question}'
+  return f'{p}\n{suffix}' if suffix and suffix not in p else p
 
 
 def img_entry(rel: str, h: int, w: int) -> dict:

@@ -8,7 +8,7 @@ import os
 import shutil
 from typing import Optional
 
-from unimedvl_jax.data.synthetic.common import REAL_DATASET_NAME, SPLITS, VQA_SUFFIX, img_entry
+from unimedvl_jax.data.synthetic.common import REAL_DATASET_NAME, SPLITS, img_entry, vqa_prompt
 
 # Real files shipped inside installed packages: (package, file name, split, description).
 REAL_FILES = (
@@ -133,10 +133,10 @@ def real_records(root: str, seed: int) -> tuple[dict, list]:
     sid = 'real-' + name.split('.')[0]
     meta = dict(subject_id=sid, modality=short, source_file=name, real=True, split=split)
     qa = [('<image>\nDescribe this medical image.', caption, 'description', None),
-          ('<image>\nWhat is the imaging modality of this image?\n' + VQA_SUFFIX, short,
+          (vqa_prompt('What is the imaging modality of this image?'), short,
            'modality', short)]
     if body:
-      qa.append(('<image>\nWhich body part or organ is shown?\n' + VQA_SUFFIX, body, 'body_part',
+      qa.append((vqa_prompt('Which body part or organ is shown?'), body, 'body_part',
                  body))
     for i, (q, a, kind, ans) in enumerate(qa):
       m = dict(meta, caption_kind=kind)

@@ -17,7 +17,7 @@ from PIL import Image
 from unimedvl_jax.data import truth
 from unimedvl_jax.data.synthetic.common import (DATASET_NAME, EDIT_TASKS, GENERATOR,
                                                 GENERATOR_VERSION, GROUP_TASKS, GROUPS, MODALITIES,
-                                                SPLITS, VQA_SUFFIX, img_entry)
+                                                SPLITS, img_entry, vqa_prompt)
 from unimedvl_jax.data.synthetic.draw import draw_subject, make_subject, render_mask, seeded_rng
 from unimedvl_jax.data.synthetic.real import real_records
 from unimedvl_jax.data.synthetic.texts import (MODALITY_INFO, describe, edit_texts, pick,
@@ -62,7 +62,7 @@ def _records_for_subject(sub: dict, split: str, size: int, seed: int, root: str)
   # VQA: one closed, one open question.
   for closed in (True, False):
     kind, q, a = vqa_question(rng, mod, findings, closed)
-    rec('vqa', None, [main_e], [], (f'<image>\n{q}\n{VQA_SUFFIX}', a),
+    rec('vqa', None, [main_e], [], (vqa_prompt(q), a),
         question_type='closed' if closed else 'open', question_kind=kind, answer=a)
   # Report.
   kind = MODALITY_INFO[mod][4]
