@@ -77,7 +77,7 @@ def main():
     print(json.dumps(aot.gpu_offline_compile_check(), indent=1))
     return
   aot.prepare_env(args.topology)
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   cmd = 'python ' + ' '.join(sys.argv)
   try:
     cfg = load_config_file(args.config, args.set)

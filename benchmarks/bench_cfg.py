@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from unimedvl_jax.config import load_config_file  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 from unimedvl_jax.infer import context as C  # noqa: E402
 from unimedvl_jax.infer import image as I  # noqa: E402
 from unimedvl_jax.infer.random_init import random_model  # noqa: E402

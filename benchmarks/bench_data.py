@@ -61,7 +61,7 @@ def main():
 
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.data import pipeline
   cfg = load_config_file(args.config)
   if args.root:

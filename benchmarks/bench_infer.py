@@ -39,7 +39,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from unimedvl_jax import profiling  # noqa: E402
-from unimedvl_jax.config import load_config_file  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 from unimedvl_jax.infer import context as C  # noqa: E402
 from unimedvl_jax.infer import image as I  # noqa: E402
 from unimedvl_jax.infer import text as T  # noqa: E402

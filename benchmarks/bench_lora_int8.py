@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from unimedvl_jax.config import load_config_file  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 
 MiB = 2 ** 20
 

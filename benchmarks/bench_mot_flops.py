@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from unimedvl_jax import profiling  # noqa: E402
-from unimedvl_jax.config import load_config_file  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 from unimedvl_jax.model.decoder import MoTDecoder, Rope  # noqa: E402
 from unimedvl_jax.model.layers import inverse_permutation, rope_cos_sin, take_rows  # noqa: E402
 

@@ -53,7 +53,8 @@ import optax  # noqa: E402
 from unimedvl_jax import profiling, sharding  # noqa: E402
 from unimedvl_jax import batch as batch_lib  # noqa: E402
 from unimedvl_jax.batch import batch_spec  # noqa: E402
-from unimedvl_jax.config import load_config_file, stage_train_config  # noqa: E402
+from unimedvl_jax.config import stage_train_config  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 from unimedvl_jax.train import step as step_lib  # noqa: E402
 
 DTYPES = {'bf16': 'bfloat16', 'fp32': 'float32'}

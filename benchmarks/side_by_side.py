@@ -177,7 +177,8 @@ def build_project(kind, kw, data_dir, legacy=False):
   import optax
   from unimedvl_jax import profiling, sharding
   from unimedvl_jax.batch import batch_spec
-  from unimedvl_jax.config import load_config_file, stage_train_config
+  from unimedvl_jax.config import stage_train_config
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.train import step as step_lib
   config = 'tiny' if kind == 'tiny' else 'small'
   dtype = {'bf16': 'bfloat16', 'fp32': 'float32'}[kw.get('dtype', 'fp32' if config == 'tiny'

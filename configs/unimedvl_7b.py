@@ -16,7 +16,7 @@ def get_config():
   cfg.name = 'unimedvl_7b'
   cfg.model.remat = 'full'
   # UniMedVL's fine-tuning example, except seq_len: 20480 = 40 x 512 (the example's 20000 is not
-  # a multiple of the attention kernels' block, which config.validate requires)
+  # a multiple of the attention kernels' block, which config_validate.validate requires)
   cfg.data.seq_len = 20480
   cfg.data.max_latent_tokens = 8192
   cfg.data.max_vit_patches = 12288

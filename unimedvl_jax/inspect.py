@@ -40,9 +40,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from unimedvl_jax import config as config_lib
   from unimedvl_jax import profiling
-  cfg = config_lib.validate(FLAGS.config)
+  from unimedvl_jax.config_validate import validate
+  cfg = validate(FLAGS.config)
   report = {'config': cfg.name, 'params': profiling.param_counts(cfg.model),
             'model_flops_per_step': profiling.model_flops_per_step(cfg)}
   if FLAGS.topology:

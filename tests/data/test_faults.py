@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.data import check as check_lib
 from unimedvl_jax.data import images as I
 from unimedvl_jax.data import packer as packer_lib

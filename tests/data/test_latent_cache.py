@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.data import latent_cache as lc
 from unimedvl_jax.data import pipeline
 from unimedvl_jax.data.jsonl import RawLine, parse_record

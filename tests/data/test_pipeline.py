@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from unimedvl_jax.batch import check_batch
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.data import packing, pipeline
 from unimedvl_jax.data.jsonl import DataError, Sample
 from unimedvl_jax.data.plans import Geometry

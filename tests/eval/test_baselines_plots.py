@@ -183,7 +183,8 @@ def test_eval_sampler_settings_from_config():
   older checkpoint's) gets them at 20 steps; a wrong field is a ConfigError naming it."""
   import pytest
   from ml_collections import ConfigDict
-  from unimedvl_jax.config import ConfigError, default_config, validate_eval
+  from unimedvl_jax.config import ConfigError, default_config
+  from unimedvl_jax.config_validate import validate_eval
   from unimedvl_jax.infer.image import eval_flow_settings
   cfg = default_config()
   t2i, edit = eval_flow_settings(cfg)

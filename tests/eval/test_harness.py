@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.infer import image as I
 from unimedvl_jax.infer import text as T
 from unimedvl_jax.infer.random_init import random_model

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.infer.context import Specials
 from unimedvl_jax.infer.random_init import random_model
 from unimedvl_jax.model.unimedvl import inverse_permutation, packed_attend

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.interop import keymap as km
 
 TINY = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')

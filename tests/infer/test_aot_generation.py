@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def test_plan_generation_tiny(tmp_path):
   libtpu = require_libtpu()
   from unimedvl_jax import profiling
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'JAX_', 'XLA_'))}
   env.update(JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=os.pathsep.join(
       p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))

@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers.bagel_torch_ref import BagelRef, FluxAE
 from tests.helpers.model_packs import build_batch, mixed_samples
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.import_stream import import_state_dict
 from unimedvl_jax.data.images import patchify_image

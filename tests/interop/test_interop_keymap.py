@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.interop import keymap as km
 
 CFG_7B = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'unimedvl_7b.py')

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from tests.helpers.interop import random_model
 from tests.helpers.model_packs import build_batch
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.export_torch import export_hf_causal_lm
 from unimedvl_jax.interop.import_stream import import_state_dict

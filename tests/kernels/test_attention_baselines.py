@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import attention_packs as packs
-from unimedvl_jax.config import ConfigError, load_config_file
+from unimedvl_jax.config import ConfigError
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.kernels.cudnn_attention import cudnn_attention
 from unimedvl_jax.kernels.splash import splash_attention
 from unimedvl_jax.model.attention import attention, attention_mask, reference_attention

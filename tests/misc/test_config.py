@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from unimedvl_jax.config import ConfigError, default_config, load_config_file, validate
+from unimedvl_jax.config import ConfigError, default_config
+from unimedvl_jax.config_load import load_config_file
+from unimedvl_jax.config_validate import validate
 
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
 
@@ -100,9 +102,9 @@ def test_overrides_parse_types():
 
 
 def test_one_override_parser_for_config_files_and_the_importer():
-  """`config.parse_override` parses both `load_config_file` overrides and `convert import --set`:
-  the same literals, the same strings, the same error for a missing '='."""
-  from unimedvl_jax.config import parse_override
+  """`config_load.parse_override` parses both `load_config_file` overrides and `convert import
+  --set`: the same literals, the same strings, the same error for a missing '='."""
+  from unimedvl_jax.config_load import parse_override
   from unimedvl_jax.interop.import_common import TorchImportError
   from unimedvl_jax.interop.import_config import parse_overrides
   assert parse_override('--config.train.lr=1e-3') == ('train.lr', 1e-3)

@@ -5,7 +5,7 @@ iff every one of its parameters is frozen, whichever way the freeze is written."
 import os
 
 from unimedvl_jax import profiling
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 
 CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')
 

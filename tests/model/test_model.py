@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers.model_packs import build_batch, mixed_samples
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.model.embeddings import Buffer
 from unimedvl_jax.model.unimedvl import UniMedVL
 

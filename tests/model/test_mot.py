@@ -8,7 +8,7 @@ from flax import nnx
 
 from tests.helpers.attention_rule import literal_rule
 from tests.helpers.model_packs import build_batch, mixed_samples
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.layers import rope_cos_sin
 from unimedvl_jax.model.unimedvl import inverse_permutation, packed_attend, _take_rows

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from unimedvl_jax import profiling
-from unimedvl_jax.config import load_config_file
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.model.decoder import MoTDecoder, Rope
 from unimedvl_jax.model.layers import rope_cos_sin
 from unimedvl_jax.batch import MODE_CAUSAL

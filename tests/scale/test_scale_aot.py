@@ -82,7 +82,8 @@ def _tiny_cost_setup():
   cache: no VAE encoder in the step) and the reference attention (no attention loop)."""
   import jax
   from unimedvl_jax import sharding
-  from unimedvl_jax.config import load_config_file, stage_train_config
+  from unimedvl_jax.config import stage_train_config
+  from unimedvl_jax.config_load import load_config_file
   cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'), [
       'data.batch_size=1', 'mesh.data=1', 'model.attention_impl=xla', 'data.seq_len=128',
       'data.max_sample_tokens=128', 'data.max_latent_tokens=16', 'data.max_vit_patches=64',
@@ -209,7 +210,8 @@ def test_plan_of_a_batch_that_does_not_divide_is_a_config_error():
       p for p in (libtpu, ROOT, os.environ.get('PYTHONPATH', '')) if p))
   script = ("from unimedvl_jax import aot\n"
             "aot.prepare_env('v5p-128')\n"
-            "from unimedvl_jax.config import ConfigError, load_config_file\n"
+            "from unimedvl_jax.config import ConfigError\n"
+            "from unimedvl_jax.config_load import load_config_file\n"
             "cfg = load_config_file('configs/unimedvl_7b.py')\n"
             "try:\n"
             "  aot.plan(cfg, 'v5p-128')\n"

@@ -268,7 +268,7 @@ def test_stale_lock_of_a_killed_process_does_not_block(tmp_path):
 
 @pytest.mark.flaky_retry(reason='a wall-clock bound: the refusal must come within 30 s')
 def test_train_refuses_a_locked_workdir(tmp_path):
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.train.loop import train
   cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
   wd = str(tmp_path / 'wd')

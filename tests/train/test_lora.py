@@ -16,7 +16,8 @@ from flax import nnx
 from tests.helpers.model_packs import build_batch, mixed_samples  # noqa: E402
 
 from unimedvl_jax.infer.random_init import random_model  # noqa: E402
-from unimedvl_jax.config import ConfigError, load_config_file, stage_train_config  # noqa: E402
+from unimedvl_jax.config import ConfigError, stage_train_config  # noqa: E402
+from unimedvl_jax.config_load import load_config_file  # noqa: E402
 from unimedvl_jax.model import lora  # noqa: E402
 from unimedvl_jax.model.layers import Linear  # noqa: E402
 from unimedvl_jax.train import step as S  # noqa: E402

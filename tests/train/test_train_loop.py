@@ -156,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
     with open(v, 'r+b') as f:
       f.truncate(max(1, v.stat().st_size // 3))
   from unimedvl_jax.train.checkpoint import Checkpointer
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.train import step as S
   cfg = load_config_file(CFG, [o.removeprefix('--') for o in overrides(str(wd))])
   _, abstract = S.abstract_state(cfg)

@@ -12,7 +12,8 @@ from flax import nnx
 
 from tests.helpers.model_packs import build_batch, mixed_samples
 from unimedvl_jax import batch as batch_lib, sharding
-from unimedvl_jax.config import load_config_file, stage_plan, stage_train_config
+from unimedvl_jax.config import stage_plan, stage_train_config
+from unimedvl_jax.config_load import load_config_file
 from unimedvl_jax.train import step as S
 
 CFG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tiny.py')

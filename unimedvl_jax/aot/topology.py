@@ -107,7 +107,7 @@ def target_config(cfg, topology: str, **model_fields):
   if not libtpu_available():
     raise RuntimeError("AOT planning needs libtpu: pip install 'jax[tpu]==0.10.2' "
                        '(pins libtpu==0.0.42.1)')
-  from unimedvl_jax.config import validate
+  from unimedvl_jax.config_validate import validate
   cfg = cfg.copy_and_resolve_references()
   for k, v in model_fields.items():
     cfg.model[k] = v

@@ -156,7 +156,7 @@ def unrolled_variant(cfg, tc, layers: dict[str, int]):
   FLOPs but the micro-batch gradient sums)."""
   from ml_collections import ConfigDict
   from unimedvl_jax import batch as batch_lib
-  from unimedvl_jax.config import validate
+  from unimedvl_jax.config_validate import validate
   v = cfg.copy_and_resolve_references()
   v.model.scan_layers = False
   v.model.llm.num_layers = int(layers['llm'])

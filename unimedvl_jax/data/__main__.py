@@ -65,10 +65,11 @@ def main(argv=None) -> int:
   files = [f for d in args.data for f in d.split(',') if f]
   try:
     if args.config:
-      from unimedvl_jax.config import load_config_file
+      from unimedvl_jax.config_load import load_config_file
       cfg = load_config_file(args.config, args.set)
     else:
-      from unimedvl_jax.config import parse_override, set_field, validate
+      from unimedvl_jax.config_load import parse_override, set_field
+      from unimedvl_jax.config_validate import validate
       cfg = builtin_config()
       for ov in args.set:
         set_field(cfg, *parse_override(ov))
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
 
 def _cache_latents(args) -> int:
   import os
-  from unimedvl_jax.config import ConfigError, load_config_file
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.data import latent_cache
   from unimedvl_jax.data.jsonl import DataError
   try:

@@ -17,7 +17,8 @@ class LoadError(RuntimeError):
 def load_config(path: str | None, overrides=()):
   if not path:
     return None
-  from unimedvl_jax.config import ConfigError, load_config_file
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.config_load import load_config_file
   try:
     return load_config_file(path, overrides)
   except (ConfigError, FileNotFoundError) as e:

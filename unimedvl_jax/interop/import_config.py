@@ -6,8 +6,8 @@ the VAE values no shape gives come from flags, `--set`, the file's metadata or t
 defaults, each with its source (`resolve_vae_settings`); each file must hold one dtype
 (`check_file_dtypes`). The other sections come from a base config (`base_config`: `--config`,
 the export's sidecar, or `default_config()`) with the `--set` overrides (parsed by
-`config.parse_override`, set by `config.set_field`); data settings the model cannot run with
-are adjusted with a note, or are an error when set explicitly (`fit_data_to_model`).
+`config_load.parse_override`, set by `config_load.set_field`); data settings the model cannot
+run with are adjusted with a note, or are an error when set explicitly (`fit_data_to_model`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from unimedvl_jax.batch import vae_downsample
-from unimedvl_jax.config import flat_fields
+from unimedvl_jax.config_load import flat_fields
 from unimedvl_jax.interop import keymap as km
 from unimedvl_jax.interop.import_common import (ADAPTERS_FILE, SIDECAR_CONFIG, VAE_META_PREFIX,
                                                 VAE_SETTINGS, ImportReport, TorchImportError,
@@ -41,9 +41,10 @@ def _req(d: Mapping, key: str, where: str):
 # ---------------------------------------------------------------------- base config, overrides
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
-  """The `--set` values: ['a.b=1', ...] -> {'a.b': 1}, each parsed by `config.parse_override`
-  (a Python literal, else the string; a missing '=' is an error)."""
-  from unimedvl_jax.config import ConfigError, parse_override
+  """The `--set` values: ['a.b=1', ...] -> {'a.b': 1}, each parsed by
+  `config_load.parse_override` (a Python literal, else the string; a missing '=' is an error)."""
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.config_load import parse_override
   out = {}
   for ov in overrides:
     try:
@@ -55,9 +56,10 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 
 def apply_overrides(cfg, values: Mapping) -> None:
-  """Sets each dotted field of `cfg` (which must exist), with `config.load_config_file`'s
-  coercions (`config.set_field`)."""
-  from unimedvl_jax.config import ConfigError, set_field
+  """Sets each dotted field of `cfg` (which must exist), with `config_load.load_config_file`'s
+  coercions (`config_load.set_field`)."""
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.config_load import set_field
   for key, value in values.items():
     try:
       set_field(cfg, key, value)
@@ -69,7 +71,8 @@ def base_config(config_path, sidecar, report, torch_dir):
   """(base config, explicit fields {dotted: where}): `--config`, else the `config` of the
   export's sidecar (SIDECAR_CONFIG in torch_dir), else `default_config()`. Explicit: the data
   fields the --config file sets away from the defaults."""
-  from unimedvl_jax.config import ConfigError, default_config, load_config_file
+  from unimedvl_jax.config import ConfigError, default_config
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.train.checkpoint_format import config_from_json
   explicit = {}
   if config_path:
@@ -379,7 +382,8 @@ def derive_config(base_cfg, llm_json: Mapping, vit_json: Mapping | None, model_s
   values (a model field set there that the files contradict is an error naming both). The
   ignored keys include the generation adapters when there is no VAE (`report.generation_adapters`).
   """
-  from unimedvl_jax.config import ConfigError, validate
+  from unimedvl_jax.config import ConfigError
+  from unimedvl_jax.config_validate import validate
   report = report or ImportReport()
   explicit = dict(explicit or {})
   set_values = dict(set_values or {})

@@ -86,7 +86,7 @@ def main(argv=None):
     print(json.dumps(_child(*a.child)))
     return
   import numpy as np
-  from unimedvl_jax.config import load_config_file
+  from unimedvl_jax.config_load import load_config_file
   from unimedvl_jax.infer.random_init import random_model
   from unimedvl_jax.interop.export_torch import write_torch_dir
   from unimedvl_jax.train.model_checkpoint import save_model_checkpoint

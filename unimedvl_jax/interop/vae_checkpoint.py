@@ -84,7 +84,8 @@ def load_vae_checkpoint(path: str):
   import orbax.checkpoint as ocp
   from flax import nnx
   from ml_collections import ConfigDict
-  from unimedvl_jax.config import ConfigError, model_defaults, validate_model
+  from unimedvl_jax.config import ConfigError, model_defaults
+  from unimedvl_jax.config_validate import validate_model
   from unimedvl_jax.train.checkpoint_format import (abstract_tree, check_keys, flat_keys,
                                                     from_tree, meta_tree, to_tree)
   where = os.path.join(path, VAE_CKPT_CONFIG)

@@ -23,8 +23,8 @@ query heads of its group: on TPU each K/V block of the forward and dq kernels is
 group and serves its G heads from VMEM; the generic kernel's program walks the same K/V tiles
 once per head of its group, back to back (on a GPU the repeat reads hit L2, not HBM).
 T is padded internally to a multiple of the blocks (padding segment 0) and the result sliced:
-`seq_multiple(T, backend)` is the length that avoids the pad and slice (config.validate requires
-data.seq_len to be one when a kernel is selected).
+`seq_multiple(T, backend)` is the length that avoids the pad and slice
+(config_validate.validate requires data.seq_len to be one when a kernel is selected).
 
 Backends (`backend=`):
   'generic'  either layout in place (no transposes), one program per (batch, KV head, block)

@@ -10,10 +10,10 @@ so a freshly adapted model computes exactly the base model. The adapters live in
 parameter tree next to the kernel ('decoder/layers/und/q_proj/lora_a', stacked like every layer
 parameter: [layers, in, r]), so checkpoints, sharding and the layer scan handle them unchanged.
 
-Config (`model.lora`, validated in config.py): rank (0 = off), alpha, targets (a regex searched
-in each expert Linear's module path, e.g. 'decoder/layers/gen/mlp/down_proj'), experts ('und',
-'gen', 'both'). Training only the adapters is `train.lora=True` (train/step.py: the optimizer
-state then holds the adapters alone); a curriculum stage switches it on with
+Config (`model.lora`, validated in config_validate.py): rank (0 = off), alpha, targets (a regex
+searched in each expert Linear's module path, e.g. 'decoder/layers/gen/mlp/down_proj'), experts
+('und', 'gen', 'both'). Training only the adapters is `train.lora=True` (train/step.py: the
+optimizer state then holds the adapters alone); a curriculum stage switches it on with
 `curriculum.<stage>.lora=True` (or `curriculum.<stage>.train.lora=True`).
 
     save_adapters(path, model)  -> a small safetensors file of the adapters alone (+ settings)

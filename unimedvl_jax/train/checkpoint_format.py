@@ -133,7 +133,8 @@ def config_to_json(cfg) -> dict:
 def config_from_json(d: dict):
   """A checkpoint's config. Only the model and data sections are validated: a checkpoint stays
   loadable (inference, export) even if its training fields predate the current validation."""
-  from unimedvl_jax.config import default_config, validate_data, validate_model
+  from unimedvl_jax.config import default_config
+  from unimedvl_jax.config_validate import validate_data, validate_model
   cfg = default_config()
   _merge(cfg, d, '')
   validate_model(cfg.model)

@@ -25,7 +25,8 @@ import numpy as np
 
 from unimedvl_jax import batch as batch_lib
 from unimedvl_jax import profiling, sharding
-from unimedvl_jax.config import stage_plan, stage_train_config, validate
+from unimedvl_jax.config import stage_plan, stage_train_config
+from unimedvl_jax.config_validate import validate
 from unimedvl_jax.data.locate import data_root
 from unimedvl_jax.train import step as step_lib
 from unimedvl_jax.train.checkpoint import Checkpointer

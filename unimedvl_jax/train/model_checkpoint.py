@@ -63,7 +63,7 @@ def load_model(directory: str, *, use_ema: bool = True, cfg=None, step: int | No
 
   With `cfg` given, the checkpoint's config must describe the same model (else CheckpointError).
   """
-  from unimedvl_jax.config import flat_fields
+  from unimedvl_jax.config_load import flat_fields
   from unimedvl_jax.model.unimedvl import abstract_model
   ck = Checkpointer(directory, async_save=False)
   s, ck_cfg = _read_config(ck, directory, step)
