@@ -81,6 +81,9 @@ def model_defaults() -> ConfigDict:
                                 # 'tpu' (it compiles for a TPU slice from a CPU process)
       remat='none',             # 'none' | 'full' | 'dots' (save matmul outputs) | 'dots_no_batch'
       scan_layers=True,
+      unroll_loops=False,       # unroll the fixed-trip loops inside a layer (the VAE's chunked
+                                # mid-block attention) so XLA's cost_analysis counts every trip
+                                # (the AOT planner's cost variants set it; same numerics)
       init_std=0.02,
       ce_chunk=8192,            # tokens per lm_head chunk in the CE loss (bounds logits memory)
       lora=lora_defaults(),     # low-rank adapters on the decoder experts (model/lora.py)

@@ -120,6 +120,16 @@ def test_chunked_mid_attention():
   ref = jax.nn.softmax(jnp.einsum('bqc,bkc->bqk', q, k) / np.sqrt(8), axis=-1) @ v
   np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(_sdpa_single_head(q, k, v, chunk=4), full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_sdpa_single_head(q, k, v, chunk=4, unroll=True), full,
+                             rtol=1e-5, atol=1e-6)
+  # unrolled (model.unroll_loops, the AOT cost variants): no while loop, so cost_analysis counts
+  # all 4 chunks' matmuls (closed form: QK^T and PV, 2 * 2 * B * T * T * C), the scan only one
+  from unimedvl_jax.profiling import cost_analysis
+  dot_flops = 2 * 2 * 2 * 16 * 16 * 8
+  for unroll, chunks_counted in ((True, 4), (False, 1)):
+    c = jax.jit(lambda q, k, v: _sdpa_single_head(q, k, v, 4, unroll)).lower(q, k, v).compile()
+    assert ('while' in c.as_text()) == (not unroll)
+    assert dot_flops * chunks_counted / 4 <= cost_analysis(c)['flops'] < dot_flops * (chunks_counted + 1) / 4
 
 
 def test_patchify_order_and_roundtrip():

@@ -12,9 +12,10 @@ adds the same matmuls, elementwise work, optimizer and EMA update); tests/scale/
 checks it against cost_analysis of the fully unrolled step. Remat recomputation is included
 (the compiled program's hardware FLOPs).
 
-Loops other than the layer scans (e.g. the VAE's chunked mid-block attention, the 'blocked' XLA
-attention) are still counted once by cost_analysis: the 1-layer variant's while loops (hlo_stats)
-are reported as `loops_counted_once`, except loops that carry no floating-point values (the
+The variants also unroll the VAE's chunked mid-block attention (model.unroll_loops). Loops that
+remain (the 'blocked' XLA attention's data-dependent loop, when a plan selects it) are still
+counted once by cost_analysis: the 1-layer variant's while loops (hlo_stats) are reported as
+`loops_counted_once`, except loops that carry no floating-point values (the
 RNG's threefry rounds: integer hashing), so a non-empty list says the estimate is low.
 """
 

@@ -153,12 +153,14 @@ def unrolled_variant(cfg, tc, layers: dict[str, int]):
   ({'llm': n, 'vit': m}) decoder / ViT layers unrolled (model.scan_layers=False), the CE loss
   in one chunk (model.ce_chunk = all label rows; the chunked loss only adds the padding rows of
   its last chunk) and no gradient accumulation loop (grad_accum=1 on the whole batch: the same
-  FLOPs but the micro-batch gradient sums)."""
+  FLOPs but the micro-batch gradient sums) and the VAE's chunked mid-block attention unrolled
+  (model.unroll_loops)."""
   from ml_collections import ConfigDict
   from unimedvl_jax import batch as batch_lib
   from unimedvl_jax.config_validate import validate
   v = cfg.copy_and_resolve_references()
   v.model.scan_layers = False
+  v.model.unroll_loops = True
   v.model.llm.num_layers = int(layers['llm'])
   v.model.vit.num_layers = int(layers['vit'])
   v.model.ce_chunk = int(v.data.batch_size) * int(batch_lib.Geometry.from_config(v).labels)

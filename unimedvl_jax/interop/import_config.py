@@ -27,7 +27,7 @@ from unimedvl_jax.interop.st_io import TensorSource
 
 # Model fields that are run settings, not facts of the checkpoint: --set may change them freely.
 RUN_FIELDS = ('model.dtype', 'model.attention_impl', 'model.attention_platform', 'model.remat',
-              'model.scan_layers', 'model.ce_chunk', 'model.init_std')
+              'model.scan_layers', 'model.unroll_loops', 'model.ce_chunk', 'model.init_std')
 
 
 # ------------------------------------------------------------------------------- small helpers

@@ -91,8 +91,9 @@ class GroupNorm(nnx.Module):
 class _Ctx:
   """Shared constructor arguments."""
 
-  def __init__(self, vae_cfg, dtype, param_dtype, rngs):
+  def __init__(self, vae_cfg, dtype, param_dtype, rngs, unroll=False):
     self.groups, self.eps = vae_cfg.norm_groups, vae_cfg.norm_eps
+    self.unroll = bool(unroll)
     self.dtype, self.param_dtype, self.rngs = dtype, param_dtype, rngs
 
   def conv(self, cin, cout, k, **kw):
@@ -119,8 +120,9 @@ class ResnetBlock(nnx.Module):
     return x.astype(h.dtype) + h
 
 
-def _sdpa_single_head(q, k, v, chunk: int):
-  """softmax(q k^T / sqrt(C)) v over [B, T, C], float32, queries in chunks of `chunk`."""
+def _sdpa_single_head(q, k, v, chunk: int, unroll: bool = False):
+  """softmax(q k^T / sqrt(C)) v over [B, T, C], float32, queries in chunks of `chunk` (a scan
+  over the chunks; `unroll`: unrolled, so XLA's cost_analysis counts every chunk)."""
   B, T, C = q.shape
   scale = C ** -0.5
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
@@ -132,7 +134,8 @@ def _sdpa_single_head(q, k, v, chunk: int):
   if T <= chunk or T % chunk:
     return one(q)
   qs = q.reshape(B, T // chunk, chunk, C).swapaxes(0, 1)
-  return jax.lax.map(one, qs).swapaxes(0, 1).reshape(B, T, C)
+  _, out = jax.lax.scan(lambda c, qc: (c, one(qc)), None, qs, unroll=bool(unroll))
+  return out.swapaxes(0, 1).reshape(B, T, C)
 
 
 class AttnBlock(nnx.Module):
@@ -144,12 +147,13 @@ class AttnBlock(nnx.Module):
     self.k = ctx.conv(ch, ch, 1)
     self.v = ctx.conv(ch, ch, 1)
     self.proj_out = ctx.conv(ch, ch, 1)
+    self.unroll = ctx.unroll
 
   def __call__(self, x):
     B, H, W, C = x.shape
     h = self.norm(x)
     q, k, v = (f(h).reshape(B, H * W, C) for f in (self.q, self.k, self.v))
-    o = _sdpa_single_head(q, k, v, ATTN_QUERY_CHUNK).reshape(B, H, W, C)
+    o = _sdpa_single_head(q, k, v, ATTN_QUERY_CHUNK, self.unroll).reshape(B, H, W, C)
     h = self.proj_out(o.astype(h.dtype))
     return x.astype(h.dtype) + h
 
@@ -268,7 +272,8 @@ class AutoEncoder(nnx.Module):
 
   def __init__(self, cfg_model, *, rngs: nnx.Rngs):
     v = cfg_model.vae
-    ctx = _Ctx(v, cfg_model.dtype, cfg_model.param_dtype, rngs)
+    ctx = _Ctx(v, cfg_model.dtype, cfg_model.param_dtype, rngs,
+               unroll=cfg_model.get('unroll_loops', False))
     self.encoder = Encoder(ctx, v)
     self.decoder = Decoder(ctx, v)
     self.scale_factor = float(v.scale_factor)
