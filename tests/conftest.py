@@ -9,7 +9,19 @@ And the `flaky_retry` marker's hook (below): marked tests get one second attempt
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# One persistent XLA compilation cache for every process of the test run (both xdist workers and
+# the training subprocesses the tests start inherit it). Many tests compile a program another
+# test (or the same test's resumed run) already compiled: a cache hit loads that same executable,
+# so no number changes; only the compile time goes. Set before any test module imports jax; an
+# outer JAX_COMPILATION_CACHE_DIR wins.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'unimedvl_jax_test_xla_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 SYNTHETIC_KW = dict(seed=0, size=64, n_subjects=48, include_real=True)
 

@@ -38,8 +38,23 @@ def flat_np(tree):
   return {S.path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(tree)}
 
 
+_STEPS = {}    # one compiled step per distinct train config (tests with equal configs share it)
+
+
+def base_tc(cfg):
+  """The train config the freeze / EMA / non-finite tests share (one compile): EMA decay 0.9 so
+  the EMA formula is checked with a weight that a wrong formula cannot hide in round-off."""
+  tc = stage_train_config(cfg, None)
+  tc.ema_decay = 0.9
+  return tc
+
+
 def run_step(cfg, graphdef, state, batch, tc, lr=1e-3):
-  fn = jax.jit(S.make_train_step(graphdef, cfg, tc, schedule=optax.constant_schedule(lr)))
+  key = (id(graphdef), repr(tc), lr)
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(S.make_train_step(graphdef, cfg, tc,
+                                            schedule=optax.constant_schedule(lr)))
+  fn = _STEPS[key]
   st = jax.tree.map(jnp.copy, state)
   return fn(st, {k: jnp.asarray(v) for k, v in batch.items()})
 
@@ -47,7 +62,7 @@ def run_step(cfg, graphdef, state, batch, tc, lr=1e-3):
 @pytest.mark.parametrize('freeze', [('vae',), ('vae', 'vit', 'gen')])
 def test_frozen_modules_receive_no_update(env, freeze):
   cfg, graphdef, state, batch = env
-  tc = stage_train_config(cfg, None)
+  tc = base_tc(cfg)
   tc.freeze = freeze
   new, m = run_step(cfg, graphdef, state, batch, tc)
   assert bool(m['ok'])
@@ -65,8 +80,7 @@ def test_frozen_modules_receive_no_update(env, freeze):
 
 def test_ema_formula(env):
   cfg, graphdef, state, batch = env
-  tc = stage_train_config(cfg, None)
-  tc.ema_decay = 0.9
+  tc = base_tc(cfg)
   new, _ = run_step(cfg, graphdef, state, batch, tc)
   e0, p1, e1 = flat_np(state['ema']), flat_np(new['params']), flat_np(new['ema'])
   for k in e0:
@@ -78,7 +92,7 @@ def test_nonfinite_step_is_rejected(env):
   bad = dict(batch)
   bad['loss_mask'] = batch['loss_mask'].copy()     # the batch's one float input on a CE row
   bad['loss_mask'][0, batch['label_pos'][0, 0]] = np.nan
-  tc = stage_train_config(cfg, None)
+  tc = base_tc(cfg)
   new, m = run_step(cfg, graphdef, state, bad, tc)
   assert not bool(m['ok'])
   assert int(new['meta']['nonfinite']) == 1 and int(new['meta']['step']) == 1
