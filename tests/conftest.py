@@ -86,3 +86,13 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep('=', f'flaky_retry: {len(_RETRIED)} test(s) ran a second attempt')
     for nodeid, outcome in _RETRIED:
       terminalreporter.write_line(f'{nodeid}: second attempt {outcome}')
+
+
+# ------------------------------------------------------------------ slow files first (xdist)
+# `--dist loadfile` hands whole files to the two workers in collection order, which is
+# alphabetical: the long subprocess / training files of tests/scale and tests/train came last, and
+# one worker ran them alone while the other idled. Files holding a @pytest.mark.slow test are
+# collected first (order otherwise kept), so the short files fill in at the end.
+def pytest_collection_modifyitems(session, config, items):
+  slow_files = {item.path for item in items if item.get_closest_marker('slow') is not None}
+  items.sort(key=lambda item: item.path not in slow_files)    # stable: False (slow) first
