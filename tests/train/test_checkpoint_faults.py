@@ -303,11 +303,8 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_second_run_refused_and_corrupt_latest_resumed_past(synthetic_dir, tmp_path):
-  import tempfile
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-         'JAX_COMPILATION_CACHE_DIR': os.path.join(tempfile.gettempdir(),
-                                                   f'unimedvl_jax_test_xla_cache_{os.getuid()}'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  # the XLA compilation cache of tests/conftest.py comes with os.environ
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
   wd = tmp_path / 'run'
   first = subprocess.Popen(_train_cmd(wd, synthetic_dir), env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)

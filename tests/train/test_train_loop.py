@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,12 +38,9 @@ def cmd(workdir, data_root, **kw):
       overrides(data_root, **kw)
 
 
-# every run here compiles the same few programs: share them through XLA's persistent cache
-# (a cache hit is the same executable, so losses are unaffected)
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-       'JAX_COMPILATION_CACHE_DIR': os.path.join(tempfile.gettempdir(),
-                                                 f'unimedvl_jax_test_xla_cache_{os.getuid()}'),
-       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+# every run here compiles the same few programs: they share them through the persistent XLA
+# cache that tests/conftest.py puts in os.environ (a hit is the same executable)
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
 
 def losses(workdir):
