@@ -36,7 +36,7 @@ VERSION = 1
 INDEX = 'index.json'
 ARRAY = 'moments.zarr'
 _CHUNK_ROWS = 4096
-_READ_CACHE_BYTES = 512 << 20     # decoded chunks kept per reader (128 chunks of a 128-wide cache)
+_READ_CACHE_BYTES = 512 << 20     # decoded chunks kept per process (128 chunks of a 128-wide cache)
 
 
 class LatentCacheError(DataError):
@@ -85,14 +85,26 @@ def _open_array(path: str, *, create: bool = False, dim: int = 0):
   if create:
     return ts.open(spec, create=True, delete_existing=True, dtype=ts.float32, shape=[0, 2, dim],
                    chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK_ROWS, 2, dim])).result()
-  # Reads keep decoded chunks in memory (bounded): a lookup reads a few rows of one 4096-row
-  # chunk, and without a cache every lookup re-reads and decodes the whole chunk from disk
-  # (2.4 ms each, about half the data pipeline's time on the main job's editing stages). The
-  # array does not change under a reader (a rebuild writes a new index and a new reader is
-  # made), and each image's staleness is checked against its source file in `lookup`.
-  spec['recheck_cached_data'] = False
-  ctx = ts.Context({'cache_pool': {'total_bytes_limit': _READ_CACHE_BYTES}})
-  return ts.open(spec, open=True, read=True, context=ctx).result()
+  # Reads keep decoded chunks in memory: a lookup reads a few rows of one 4096-row chunk, and
+  # without a cache every lookup re-read and decoded the whole chunk from disk (2.4 ms each,
+  # about half the data pipeline's time on the main job's editing stages). One bounded pool per
+  # process serves every reader (the groups of a stage read the same array); cached chunks are
+  # revalidated against the files once, when a reader opens the array, so a reader made after a
+  # rebuild never sees the old array's chunks. Each image's staleness against its source file
+  # is checked in `lookup`.
+  spec['recheck_cached_data'] = 'open'
+  return ts.open(spec, open=True, read=True, context=_read_context()).result()
+
+
+_READ_CONTEXTS: dict[int, Any] = {}     # pid -> tensorstore Context (a forked child makes its own)
+
+
+def _read_context():
+  import tensorstore as ts
+  pid = os.getpid()
+  if pid not in _READ_CONTEXTS:
+    _READ_CONTEXTS[pid] = ts.Context({'cache_pool': {'total_bytes_limit': _READ_CACHE_BYTES}})
+  return _READ_CONTEXTS[pid]
 
 
 class LatentCache:
