@@ -31,6 +31,9 @@ def llm_defaults() -> ConfigDict:
       rope_theta=1e6,
       rms_norm_eps=1e-6,
       qk_norm=True,
+      # initial q_norm / k_norm weight (checkpoints bring their own): with QK-norm the attention
+      # logits are bounded by qk_norm_init^2 * sqrt(head_dim), 5.7 at 1.0 and head_dim 32
+      qk_norm_init=1.0,
   ))
 
 

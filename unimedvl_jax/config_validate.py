@@ -36,6 +36,9 @@ def validate_model(m: ConfigDict, prefix: str = 'model') -> None:
   _require(llm.num_heads % llm.num_kv_heads == 0, f'{prefix}.llm.num_heads',
            f'must be a multiple of num_kv_heads ({llm.num_kv_heads}), got {llm.num_heads}')
   _require(llm.head_dim % 2 == 0, f'{prefix}.llm.head_dim', f'must be even for RoPE, got {llm.head_dim}')
+  w0 = llm.get('qk_norm_init', 1.0)
+  _require(_real(w0) and w0 > 0, f'{prefix}.llm.qk_norm_init',
+           f'must be a finite number > 0 (the initial q_norm / k_norm weight), got {w0!r}')
   vit = m.vit
   if vit.enabled:
     _positive(vit, f'{prefix}.vit', ['hidden_size', 'intermediate_size', 'num_layers',

@@ -31,6 +31,7 @@ def test_shipped_configs_validate(name):
     ('mesh.rules=(("embed", "fsdp"),)', 'mesh.rules'),
     ('mesh.max_replicated_bytes=-1', 'mesh.max_replicated_bytes'),
     ('curriculum.foundation.steps=0', 'curriculum.foundation.steps'),
+    ('model.llm.qk_norm_init=0.0', 'model.llm.qk_norm_init'),
 ])
 def test_bad_values_fail_naming_the_field(override, field):
   with pytest.raises(ConfigError, match=f'config.{field}'):

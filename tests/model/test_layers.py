@@ -70,6 +70,13 @@ def test_rmsnorm_float64_and_cast_back_before_weight():
   np.testing.assert_array_equal(outb, refb)
 
 
+def test_rmsnorm_init_scales_the_output():
+  x = np.random.default_rng(2).normal(size=(4, 16)).astype(np.float32)
+  ref = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(RMSNorm(16, init=2.5)(jnp.asarray(x))), 2.5 * ref, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(RMSNorm(16).weight[...]), np.ones(16, np.float32))
+
+
 def test_rmsnorm_matches_torch_qwen2_in_bf16():
   torch = pytest.importorskip('torch')
   from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm

@@ -45,8 +45,9 @@ class Expert(nnx.Module):
     nkw = dict(eps=llm.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
     self.qk_norm = bool(llm.qk_norm)
     if self.qk_norm:
-      self.q_norm = RMSNorm(D, axis_name='head_dim', **nkw)
-      self.k_norm = RMSNorm(D, axis_name='head_dim', **nkw)
+      w0 = float(llm.get('qk_norm_init', 1.0))   # initial weight (a from-scratch model's knob)
+      self.q_norm = RMSNorm(D, axis_name='head_dim', init=w0, **nkw)
+      self.k_norm = RMSNorm(D, axis_name='head_dim', init=w0, **nkw)
     self.input_layernorm = RMSNorm(H, **nkw)
     self.post_attention_layernorm = RMSNorm(H, **nkw)
     self.mlp = SwiGLU(H, llm.intermediate_size, **kw)

@@ -118,8 +118,10 @@ class RMSNorm(nnx.Module):
   """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, THEN multiply by the weight."""
 
   def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str | None = 'norm',
-               param_dtype='float32', dtype='float32', rngs: nnx.Rngs | None = None):
-    self.weight = nnx.Param(jnp.ones((dim,), to_dtype(param_dtype)), out_sharding=(axis_name,))
+               param_dtype='float32', dtype='float32', rngs: nnx.Rngs | None = None,
+               init: float = 1.0):
+    self.weight = nnx.Param(jnp.full((dim,), init, to_dtype(param_dtype)),
+                            out_sharding=(axis_name,))
     self.eps = eps
     self.dtype = to_dtype(dtype)
 
