@@ -232,6 +232,10 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
   rules = sharding.Rules.from_config(cfg)
   sharding.check_batch(cfg.data.batch_size, mesh, rules)
   plan = stage_plan(cfg)
+  skipped = [n for n in cfg.get('curriculum', {}) if n not in tuple(cfg.stages)]
+  if skipped and not quiet:   # config.stages selects and orders the stages that run
+    print(f'config.stages {tuple(cfg.stages)}: curriculum stage(s) {skipped} will not run',
+          flush=True)
   # the state's structure depends on train.lora (the optimizer state holds the adapters alone)
   abstracts: dict = {}
 
