@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: sets up .venv from the repo's files, then runs the whole suite
-# (about 20 min on 2 idle cores from a fresh clone). Extra arguments go to pytest.
+# (20-25 min on 2 idle cores from a fresh clone, by CPU). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
