@@ -26,12 +26,10 @@ import argparse
 import json
 import os
 
-LOCATIONS = ('upper left', 'upper right', 'lower left', 'lower right')
-
-
 def images_and_labels(root: str, split: str):
   import numpy as np
   from unimedvl_jax.data.images import load_image
+  from unimedvl_jax.data.truth import LOCATIONS
   labels = {}
   with open(os.path.join(root, split, 'vqa.jsonl')) as f:
     for line in f:
@@ -49,12 +47,12 @@ def image_tokens(cfg, model, imgs):
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
-  from unimedvl_jax.data.images import vit_patchify
+  from unimedvl_jax.data.images import to_unit_range, vit_patchify
   embed = nnx.jit(lambda m, pa, seg, pos: m.embed_vit(pa, seg, pos))
   out = []
   for i in range(0, len(imgs), 64):
-    pa = np.stack([vit_patchify(im, cfg.model.vit.patch_size)[0] for im in imgs[i:i + 64]])
-    pa = pa.astype(np.float32) / 127.5 - 1.0
+    pa = to_unit_range(np.stack([vit_patchify(im, cfg.model.vit.patch_size)[0]
+                                 for im in imgs[i:i + 64]]))   # the model's own pixel rule
     B, P, _ = pa.shape
     pos = jnp.tile(jnp.arange(P, dtype=jnp.int32), (B, 1))
     out.append(np.asarray(embed(model, jnp.asarray(pa), jnp.ones((B, P), jnp.int32), pos),

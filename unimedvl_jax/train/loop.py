@@ -232,7 +232,7 @@ def _train(cfg, workdir: str, *, max_steps: int | None = None, quiet: bool = Fal
   rules = sharding.Rules.from_config(cfg)
   sharding.check_batch(cfg.data.batch_size, mesh, rules)
   plan = stage_plan(cfg)
-  skipped = [n for n in cfg.get('curriculum', {}) if n not in tuple(cfg.stages)]
+  skipped = [n for n in cfg.get('curriculum', {}) if n not in {st['name'] for st in plan}]
   if skipped and not quiet:   # config.stages selects and orders the stages that run
     print(f'config.stages {tuple(cfg.stages)}: curriculum stage(s) {skipped} will not run',
           flush=True)
